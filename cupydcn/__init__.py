@@ -1,0 +1,21 @@
+"""cupydcn: deformable convolution (DCNv1/v2) and deformable RoI pooling as
+CUDA C kernels loaded with CuPy, behind an array-in, array-out API.
+
+CuPy arrays and CUDA DLPack arrays (torch, JAX, ...) run on their GPU without
+copies; NumPy arrays run the NumPy reference (``cupydcn.reference``). The
+numbers are those of torchvision and mmcv (SEMANTICS.md). Importing cupydcn
+imports neither CuPy's CUDA runtime, torch nor TensorFlow.
+"""
+
+from cupydcn._config import get_workspace_limit, set_workspace_limit
+from cupydcn._deform_conv import DeformConv2dGrads, deform_conv2d, deform_conv2d_backward
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "DeformConv2dGrads",
+    "deform_conv2d",
+    "deform_conv2d_backward",
+    "get_workspace_limit",
+    "set_workspace_limit",
+]

@@ -1,0 +1,121 @@
+"""Array interchange: whatever the caller passes in, CuPy or NumPy inside,
+the caller's own library out.
+
+CuPy arrays are used as they are; NumPy arrays take the CPU path (the
+reference); any other array with ``__dlpack__`` (torch, JAX, TensorFlow) is
+wrapped without a copy, by CuPy when it lives on a CUDA device and by NumPy
+when it lives on the CPU, and results go back through the caller's
+``from_dlpack``. The DLPack stream handshake orders the caller's stream with
+CuPy's current stream. All arrays of one call must live on one device; GPU work
+runs with that device current.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import sys
+
+import numpy
+
+_DL_CPU, _DL_CUDA, _DL_CUDA_HOST, _DL_CUDA_MANAGED = 1, 2, 3, 13
+
+
+def _cupy():
+    import cupy
+
+    return cupy
+
+
+def _is_cupy(x):
+    return type(x).__module__.split(".")[0] == "cupy" and hasattr(x, "device")
+
+
+def _where(x, name):
+    """('cpu', None) or ('cuda', device id) for one argument."""
+    if isinstance(x, numpy.ndarray):
+        return "cpu", None
+    if _is_cupy(x):
+        return "cuda", x.device.id
+    if hasattr(x, "__dlpack_device__") and hasattr(x, "__dlpack__"):
+        kind, device = x.__dlpack_device__()
+        kind = int(kind)
+        if kind in (_DL_CPU, _DL_CUDA_HOST):
+            return "cpu", None
+        if kind in (_DL_CUDA, _DL_CUDA_MANAGED):
+            return "cuda", int(device)
+        raise TypeError(f"{name} lives on DLPack device type {kind}; cupydcn runs on CUDA GPUs "
+                        "and on the CPU")
+    raise TypeError(f"{name} must be a NumPy, CuPy or DLPack-capable array, "
+                    f"got {type(x).__module__}.{type(x).__name__}")
+
+
+def _describe(where):
+    return "the CPU" if where[0] == "cpu" else f"cuda:{where[1]}"
+
+
+def _returner(x):
+    """A function turning a CuPy/NumPy result into an array of ``x``'s library."""
+    if isinstance(x, numpy.ndarray) or _is_cupy(x):
+        return lambda a: a
+    namespace = getattr(x, "__array_namespace__", None)
+    if namespace is not None:
+        return namespace().from_dlpack
+    top = type(x).__module__.split(".")[0]
+    if top == "tensorflow":  # TensorFlow's from_dlpack takes a capsule
+        import tensorflow as tf
+
+        return lambda a: tf.experimental.dlpack.from_dlpack(a.__dlpack__())
+    library = sys.modules.get(top)
+    if library is not None and hasattr(library, "from_dlpack"):
+        return library.from_dlpack
+    raise TypeError(f"cannot return results as {type(x).__module__}.{type(x).__name__}: "
+                    "its library has no from_dlpack")
+
+
+class Call:
+    """The arrays of one op call, converted for the backend.
+
+    ``Call(input=x, offset=o, ...)``: attributes of the same names hold the
+    converted arrays (None stays None); ``on_gpu`` says which path runs;
+    ``device()`` is the context to run GPU work in; ``wrap(result)`` converts a
+    result back to the library of the first argument.
+    """
+
+    def __init__(self, **arrays):
+        first_name = next(iter(arrays))
+        where = None
+        for name, x in arrays.items():
+            if x is None:
+                continue
+            here = _where(x, name)
+            if where is None:
+                where, where_name = here, name
+            elif here != where:
+                raise ValueError(f"{name} is on {_describe(here)} but {where_name} is on "
+                                 f"{_describe(where)}: all arrays must be on one device")
+        self.on_gpu = where is not None and where[0] == "cuda"
+        self.device_id = where[1] if self.on_gpu else None
+        self._return = _returner(arrays[first_name])
+        self.names = tuple(arrays)
+        with self.device():
+            for name, x in arrays.items():
+                setattr(self, name, None if x is None else self._convert(x))
+
+    def _convert(self, x):
+        if isinstance(x, numpy.ndarray) or _is_cupy(x):
+            return x
+        if self.on_gpu:
+            return _cupy().from_dlpack(x)
+        return numpy.from_dlpack(x)
+
+    def device(self):
+        if self.on_gpu:
+            return _cupy().cuda.Device(self.device_id)
+        return contextlib.nullcontext()
+
+    def wrap(self, result):
+        if result is None:
+            return None
+        if isinstance(result, tuple):
+            return type(result)(*(self.wrap(r) for r in result))
+        return self._return(result)

@@ -1,0 +1,242 @@
+"""Deformable convolution v1/v2: array in, array out, forward and backward.
+
+The GPU path is deformable im2col (kernels/deform_conv.cu) + one batched GEMM
+over the weight groups (cuBLAS through ``xp.matmul``), in tiles of images or
+output rows bounded by the workspace limit. The same code runs on the host
+build of the kernels (``_kernels.HostBackend``) in the CPU test tier. NumPy
+inputs take the reference (``cupydcn.reference``).
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+from cupydcn import _arrays, _config, _dtypes, _kernels, _validation, reference
+
+_FILE = "deform_conv"
+GRADIENTS = ("input", "offset", "weight", "bias", "mask")
+
+
+class DeformConv2dGrads(NamedTuple):
+    """Gradients of deform_conv2d; None where not asked for or not applicable."""
+    input: object
+    offset: object
+    weight: object
+    bias: object
+    mask: object
+
+
+def deform_conv2d(input, offset, weight, bias=None, stride=1, padding=0, dilation=1, mask=None):
+    """Deformable convolution (DCNv1), or modulated deformable convolution
+    (DCNv2) when ``mask`` is given; ``torchvision.ops.deform_conv2d``'s meaning.
+
+    ``out[b, o] = bias[o] + sum_{c, i, j} weight[o, c, i, j] * mask[b, g, k]
+    * bilinear(input[b, c], p + (i, j) * dilation + offset[b, g, k])`` with tap
+    ``k = i*kw + j`` and offset group ``g`` of channel ``c`` (SEMANTICS.md s. 1;
+    Dai et al. 2017, Zhu et al. 2019).
+
+    Args:
+        input: (B, C, H, W) array.
+        offset: (B, 2*offset_groups*kh*kw, Ho, Wo) array, (dy, dx) interleaved per tap.
+        weight: (Cout, C/groups, kh, kw) array.
+        bias: (Cout,) array or None.
+        stride, padding, dilation: int or (h, w) pair.
+        mask: (B, offset_groups*kh*kw, Ho, Wo) array in [0, 1] or None (DCNv1).
+
+    Returns:
+        (B, Cout, Ho, Wo) array of the input's library, dtype and device.
+
+    CuPy arrays (and CUDA DLPack arrays) run the CUDA kernels on their device
+    and the current CuPy stream; NumPy (and CPU DLPack) arrays run the NumPy
+    reference. Groups and offset groups are inferred from the shapes.
+
+    Example:
+        >>> out = cupydcn.deform_conv2d(x, offset, w, padding=1, mask=m)
+    """
+    call = _arrays.Call(input=input, offset=offset, weight=weight, bias=bias, mask=mask)
+    geo = _validation.check_deform_conv2d(call.input, call.offset, call.weight, call.bias,
+                                          stride, padding, dilation, call.mask)
+    with call.device():
+        if call.on_gpu:
+            out = forward(_kernels.cupy_backend(), geo, call.input, call.offset, call.weight,
+                          call.bias, call.mask)
+        else:
+            out = reference.deform_conv2d(call.input, call.offset, call.weight, call.bias,
+                                          geo.stride, geo.padding, geo.dilation, call.mask)
+            out = out.astype(geo.dtype.dtype)
+    return call.wrap(out)
+
+
+def deform_conv2d_backward(grad_output, input, offset, weight, bias=None, stride=1, padding=0,
+                           dilation=1, mask=None, wrt=GRADIENTS):
+    """Gradients of :func:`deform_conv2d` (torchvision's, SEMANTICS.md s. 1).
+
+    Args:
+        grad_output: (B, Cout, Ho, Wo) array, the gradient of the output.
+        input, offset, weight, bias, stride, padding, dilation, mask: as for
+            :func:`deform_conv2d`.
+        wrt: the names of the gradients to compute, a subset of
+            ``("input", "offset", "weight", "bias", "mask")``; only those are
+            computed (bias and mask only when given).
+
+    Returns:
+        DeformConv2dGrads(input, offset, weight, bias, mask), each an array
+        shaped like its argument, or None.
+    """
+    wrt = _check_wrt(wrt, bias, mask)
+    call = _arrays.Call(input=input, grad_output=grad_output, offset=offset, weight=weight,
+                        bias=bias, mask=mask)
+    geo = _validation.check_deform_conv2d(call.input, call.offset, call.weight, call.bias,
+                                          stride, padding, dilation, call.mask,
+                                          grad_output=call.grad_output)
+    with call.device():
+        if call.on_gpu:
+            grads = backward(_kernels.cupy_backend(), geo, call.grad_output, call.input,
+                             call.offset, call.weight, call.mask, wrt)
+        else:
+            full = reference.deform_conv2d_backward(
+                call.grad_output, call.input, call.offset, call.weight, call.bias, geo.stride,
+                geo.padding, geo.dilation, call.mask)
+            grads = DeformConv2dGrads(*(
+                g.astype(geo.dtype.dtype) if name in wrt and g is not None else None
+                for name, g in zip(GRADIENTS, full)))
+    return call.wrap(grads)
+
+
+def _check_wrt(wrt, bias, mask):
+    if isinstance(wrt, str):
+        wrt = (wrt,)
+    wrt = frozenset(wrt)
+    unknown = wrt - set(GRADIENTS)
+    if unknown:
+        raise ValueError(f"wrt must name gradients among {GRADIENTS}, got {sorted(unknown)}")
+    if bias is None:
+        wrt -= {"bias"}
+    if mask is None:
+        wrt -= {"mask"}
+    return wrt
+
+
+class _Tile(NamedTuple):
+    b0: int
+    nb: int
+    oy0: int
+    nrows: int
+
+    @property
+    def out_rows(self):
+        return self.nb * self.nrows
+
+
+def tiles(geo):
+    """Chunks of (images, output rows) whose columns fit the workspace limit."""
+    row_bytes = geo.C * geo.kh * geo.kw * geo.Wo * geo.dtype.acc.itemsize
+    limit = _config.get_workspace_limit()
+    image_bytes = row_bytes * geo.Ho
+    if image_bytes <= limit:
+        step = max(1, min(geo.B, limit // max(image_bytes, 1)))
+        return [_Tile(b0, min(step, geo.B - b0), 0, geo.Ho) for b0 in range(0, geo.B, step)]
+    rows = max(1, limit // row_bytes)
+    return [_Tile(b, 1, oy0, min(rows, geo.Ho - oy0))
+            for b in range(geo.B) for oy0 in range(0, geo.Ho, rows)]
+
+
+def _index_bits(geo, plan):
+    taps = geo.kh * geo.kw
+    columns = geo.C * taps * max(t.out_rows for t in plan) * geo.Wo
+    return _dtypes.index_bits(
+        geo.B * geo.C * geo.H * geo.W,
+        geo.B * geo.offset_groups * 2 * taps * geo.Ho * geo.Wo,
+        geo.B * geo.Cout * geo.Ho * geo.Wo,
+        columns,
+    )
+
+
+def _geometry_args(geo, tile):
+    return [geo.C, geo.H, geo.W, geo.kh, geo.kw, *geo.stride, *geo.padding, *geo.dilation,
+            geo.Ho, geo.Wo, geo.offset_groups, tile.b0, tile.nb, tile.oy0, tile.nrows]
+
+
+def _im2col(backend, geo, bits, tile, input, offset, mask):
+    xp = backend.xp
+    columns = _config.empty(xp, (geo.C * geo.kh * geo.kw, tile.out_rows * geo.Wo), geo.dtype.acc)
+    backend.launch(_FILE, "deform_im2col", geo.dtype, bits, geo.C * tile.out_rows * geo.Wo,
+                   [input, offset, mask, columns, *_geometry_args(geo, tile)])
+    return columns
+
+
+def _contiguous(xp, *arrays):
+    return [None if a is None else xp.ascontiguousarray(a) for a in arrays]
+
+
+def forward(backend, geo, input, offset, weight, bias=None, mask=None):
+    """The kernel path of deform_conv2d on ``backend`` (validated arguments)."""
+    xp = backend.xp
+    acc = geo.dtype.acc
+    out = xp.empty((geo.B, geo.Cout, geo.Ho, geo.Wo), geo.dtype.dtype)
+    if out.size == 0:
+        return out
+    input, offset, mask = _contiguous(xp, input, offset, mask)
+    plan = tiles(geo)
+    bits = _index_bits(geo, plan)
+    groups = geo.groups
+    weight_g = weight.astype(acc).reshape(groups, geo.Cout // groups, -1)
+    bias_acc = None if bias is None else bias.astype(acc)[:, None, None, None]
+    for tile in plan:
+        columns = _im2col(backend, geo, bits, tile, input, offset, mask)
+        result = xp.matmul(weight_g, columns.reshape(groups, -1, columns.shape[1]))
+        result = result.reshape(geo.Cout, tile.nb, tile.nrows, geo.Wo)
+        if bias_acc is not None:
+            result += bias_acc
+        out[tile.b0:tile.b0 + tile.nb, :, tile.oy0:tile.oy0 + tile.nrows] = (
+            result.transpose(1, 0, 2, 3))
+    return out
+
+
+def backward(backend, geo, grad_output, input, offset, weight, mask, wrt):
+    """The kernel path of deform_conv2d_backward; ``wrt`` a set of GRADIENTS."""
+    xp = backend.xp
+    dtype, acc = geo.dtype.dtype, geo.dtype.acc
+    groups = geo.groups
+    grad_input = xp.zeros(input.shape, acc) if "input" in wrt else None
+    grad_offset = _config.empty(xp, offset.shape, dtype) if "offset" in wrt else None
+    grad_mask = _config.empty(xp, mask.shape, dtype) if "mask" in wrt else None
+    grad_weight = (xp.zeros((groups, geo.Cout // groups, weight[0].size), acc)
+                   if "weight" in wrt else None)
+    grad_bias = (grad_output.astype(acc).sum(axis=(0, 2, 3)).astype(dtype)
+                 if "bias" in wrt else None)
+    if geo.B * geo.Ho * geo.Wo and geo.Cout and wrt - {"bias"}:
+        grad_output, input, offset, mask = _contiguous(xp, grad_output, input, offset, mask)
+        weight_g = weight.astype(acc).reshape(groups, geo.Cout // groups, -1)
+        plan = tiles(geo)
+        bits = _index_bits(geo, plan)
+        for tile in plan:
+            grad_out = grad_output[tile.b0:tile.b0 + tile.nb, :, tile.oy0:tile.oy0 + tile.nrows]
+            grad_out = xp.ascontiguousarray(grad_out.astype(acc).transpose(1, 0, 2, 3))
+            grad_out = grad_out.reshape(groups, geo.Cout // groups, -1)
+            n_columns = tile.out_rows * geo.Wo
+            if wrt & {"input", "offset", "mask"}:
+                grad_columns = xp.ascontiguousarray(
+                    xp.matmul(weight_g.transpose(0, 2, 1), grad_out).reshape(-1, n_columns))
+                args = _geometry_args(geo, tile)
+                if grad_offset is not None or grad_mask is not None:
+                    backend.launch(_FILE, "deform_col2im_coord", geo.dtype, bits,
+                                   geo.offset_groups * geo.kh * geo.kw * n_columns,
+                                   [grad_columns, input, offset, mask, grad_offset, grad_mask,
+                                    *args])
+                if grad_input is not None:
+                    backend.launch(_FILE, "deform_col2im", geo.dtype, bits, grad_columns.size,
+                                   [grad_columns, offset, mask, grad_input, *args])
+            if grad_weight is not None:
+                columns = _im2col(backend, geo, bits, tile, input, offset, mask)
+                columns = columns.reshape(groups, -1, n_columns)
+                grad_weight += xp.matmul(grad_out, columns.transpose(0, 2, 1))
+    elif grad_offset is not None or grad_mask is not None:
+        for g in (grad_offset, grad_mask):
+            if g is not None:
+                g.fill(0)
+    if grad_input is not None:
+        grad_input = grad_input.astype(dtype, copy=False)
+    if grad_weight is not None:
+        grad_weight = grad_weight.reshape(weight.shape).astype(dtype, copy=False)
+    return DeformConv2dGrads(grad_input, grad_offset, grad_weight, grad_bias, grad_mask)

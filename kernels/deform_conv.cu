@@ -1,0 +1,155 @@
+// deform_conv.cu: deformable convolution v1/v2 (SEMANTICS.md section 1).
+//
+// The convolution is computed as deformable im2col + GEMM (cuBLAS, on the
+// Python side). The kernels work on a tile of the output: images
+// [b0, b0 + nb) and output rows [oy0, oy0 + nrows) (nrows == Ho whenever
+// nb > 1), so the columns buffer is bounded by the workspace limit whatever
+// the batch and image size. The columns buffer is (C*kh*kw, nb*nrows*Wo) in
+// the accumulation type A (float for the half types): row c*kh*kw + k holds
+// tap k = i*kw + j of channel c, column (bi*nrows + r)*Wo + ox holds output
+// pixel (b0 + bi, oy0 + r, ox).
+//
+// - deform_im2col: one thread per (c, bi, r, ox), looping over the kh*kw
+//   taps; writes mask * bilinear(input) into the columns.
+// - deform_col2im: one thread per columns element; scatters
+//   grad_col * mask * corner weight into an A-typed input gradient with
+//   atomicAdd (float atomics for the half types, never half atomics).
+// - deform_col2im_coord: one thread per (bi, offset group, tap, r, ox),
+//   looping over the group's channels in registers; writes the dy, dx and
+//   mask gradients of that tap and pixel once, without atomics.
+// Every integer parameter has the index type I (int or long long, chosen by
+// the loader when an element count may pass 2^31), every pointer to an
+// optional array (mask, grad_offset, grad_mask) may be null.
+
+template <typename T, typename I>
+__global__ void deform_im2col(const T* __restrict__ input, const T* __restrict__ offset,
+                              const T* __restrict__ mask,
+                              typename dcn_acc<T>::type* __restrict__ columns,
+                              I C, I H, I W, I kh, I kw, I stride_h, I stride_w, I pad_h,
+                              I pad_w, I dil_h, I dil_w, I Ho, I Wo, I offset_groups,
+                              I b0, I nb, I oy0, I nrows) {
+  typedef typename dcn_acc<T>::type A;
+  const I taps = kh * kw;
+  const I ncols = nb * nrows * Wo;
+  const I n = C * ncols;
+  const I channels_per_group = C / offset_groups;
+  DCN_KERNEL_LOOP(index, I, n) {
+    const I ox = index % Wo;
+    I t = index / Wo;
+    const I r = t % nrows;
+    t /= nrows;
+    const I bi = t % nb;
+    const I c = t / nb;
+    const I b = b0 + bi;
+    const I oy = oy0 + r;
+    const I g = c / channels_per_group;
+    const I pixels = Ho * Wo;
+    const T* plane = input + (b * C + c) * H * W;
+    const T* off = offset + (b * offset_groups + g) * 2 * taps * pixels + oy * Wo + ox;
+    const T* msk = mask ? mask + (b * offset_groups + g) * taps * pixels + oy * Wo + ox : 0;
+    A* col = columns + c * taps * ncols + (bi * nrows + r) * Wo + ox;
+    for (I i = 0; i < kh; ++i) {
+      for (I j = 0; j < kw; ++j) {
+        const I k = i * kw + j;
+        const A y = (A)(oy * stride_h - pad_h + i * dil_h) + dcn_load(off[2 * k * pixels]);
+        const A x = (A)(ox * stride_w - pad_w + j * dil_w) + dcn_load(off[(2 * k + 1) * pixels]);
+        A v = dcn_conv_bilinear(plane, H, W, y, x);
+        if (msk) v *= dcn_load(msk[k * pixels]);
+        col[k * ncols] = v;
+      }
+    }
+  }
+}
+
+template <typename T, typename I>
+__global__ void deform_col2im(const typename dcn_acc<T>::type* __restrict__ grad_columns,
+                              const T* __restrict__ offset, const T* __restrict__ mask,
+                              typename dcn_acc<T>::type* __restrict__ grad_input,
+                              I C, I H, I W, I kh, I kw, I stride_h, I stride_w, I pad_h,
+                              I pad_w, I dil_h, I dil_w, I Ho, I Wo, I offset_groups,
+                              I b0, I nb, I oy0, I nrows) {
+  typedef typename dcn_acc<T>::type A;
+  const I taps = kh * kw;
+  const I ncols = nb * nrows * Wo;
+  const I n = C * taps * ncols;
+  const I channels_per_group = C / offset_groups;
+  DCN_KERNEL_LOOP(index, I, n) {
+    const I col = index % ncols;
+    const I row = index / ncols;
+    const I k = row % taps;
+    const I c = row / taps;
+    const I i = k / kw, j = k % kw;
+    const I ox = col % Wo;
+    const I r = (col / Wo) % nrows;
+    const I b = b0 + col / (Wo * nrows);
+    const I oy = oy0 + r;
+    const I g = c / channels_per_group;
+    const I pixels = Ho * Wo;
+    const T* off = offset + (b * offset_groups + g) * 2 * taps * pixels + oy * Wo + ox;
+    const A y = (A)(oy * stride_h - pad_h + i * dil_h) + dcn_load(off[2 * k * pixels]);
+    const A x = (A)(ox * stride_w - pad_w + j * dil_w) + dcn_load(off[(2 * k + 1) * pixels]);
+    if (!(y > (A)-1 && y < (A)H && x > (A)-1 && x < (A)W)) continue;
+    A grad = grad_columns[index];
+    if (mask) grad *= dcn_load(mask[(b * offset_groups + g) * taps * pixels + k * pixels + oy * Wo + ox]);
+    const A yf = dcn_floor(y), xf = dcn_floor(x);
+    const I y0 = (I)yf, x0 = (I)xf;
+    const A ly = y - yf, lx = x - xf, hy = (A)1 - ly, hx = (A)1 - lx;
+    A* plane = grad_input + (b * C + c) * H * W;
+    const bool top = y0 >= 0, bottom = y0 + 1 < H, left = x0 >= 0, right = x0 + 1 < W;
+    if (top && left) atomicAdd(plane + y0 * W + x0, hy * hx * grad);
+    if (top && right) atomicAdd(plane + y0 * W + x0 + 1, hy * lx * grad);
+    if (bottom && left) atomicAdd(plane + (y0 + 1) * W + x0, ly * hx * grad);
+    if (bottom && right) atomicAdd(plane + (y0 + 1) * W + x0 + 1, ly * lx * grad);
+  }
+}
+
+template <typename T, typename I>
+__global__ void deform_col2im_coord(const typename dcn_acc<T>::type* __restrict__ grad_columns,
+                                    const T* __restrict__ input, const T* __restrict__ offset,
+                                    const T* __restrict__ mask, T* __restrict__ grad_offset,
+                                    T* __restrict__ grad_mask,
+                                    I C, I H, I W, I kh, I kw, I stride_h, I stride_w, I pad_h,
+                                    I pad_w, I dil_h, I dil_w, I Ho, I Wo, I offset_groups,
+                                    I b0, I nb, I oy0, I nrows) {
+  typedef typename dcn_acc<T>::type A;
+  const I taps = kh * kw;
+  const I ncols = nb * nrows * Wo;
+  const I n = offset_groups * taps * ncols;
+  const I channels_per_group = C / offset_groups;
+  DCN_KERNEL_LOOP(index, I, n) {
+    const I col = index % ncols;
+    I t = index / ncols;
+    const I k = t % taps;
+    const I g = t / taps;
+    const I i = k / kw, j = k % kw;
+    const I ox = col % Wo;
+    const I r = (col / Wo) % nrows;
+    const I b = b0 + col / (Wo * nrows);
+    const I oy = oy0 + r;
+    const I pixels = Ho * Wo;
+    const I pixel = oy * Wo + ox;
+    const I off_base = (b * offset_groups + g) * 2 * taps * pixels + pixel;
+    const I mask_index = (b * offset_groups + g) * taps * pixels + k * pixels + pixel;
+    const A y = (A)(oy * stride_h - pad_h + i * dil_h) + dcn_load(offset[off_base + 2 * k * pixels]);
+    const A x = (A)(ox * stride_w - pad_w + j * dil_w) + dcn_load(offset[off_base + (2 * k + 1) * pixels]);
+    const A m = mask ? dcn_load(mask[mask_index]) : (A)1;
+    A sum_dy = 0, sum_dx = 0, sum_mask = 0;
+    for (I cg = 0; cg < channels_per_group; ++cg) {
+      const I c = g * channels_per_group + cg;
+      const A grad = grad_columns[(c * taps + k) * ncols + col];
+      const T* plane = input + (b * C + c) * H * W;
+      if (grad_offset) {
+        A dy, dx;
+        dcn_conv_bilinear_grad(plane, H, W, y, x, &dy, &dx);
+        sum_dy += grad * dy;
+        sum_dx += grad * dx;
+      }
+      if (grad_mask) sum_mask += grad * dcn_conv_bilinear(plane, H, W, y, x);
+    }
+    if (grad_offset) {
+      grad_offset[off_base + 2 * k * pixels] = dcn_store<T>(sum_dy * m);
+      grad_offset[off_base + (2 * k + 1) * pixels] = dcn_store<T>(sum_dx * m);
+    }
+    if (grad_mask) grad_mask[mask_index] = dcn_store<T>(sum_mask);
+  }
+}
