@@ -57,8 +57,8 @@ def deform_conv2d(input, offset, weight, bias=None, stride=1, padding=0, dilatio
     geo = _validation.check_deform_conv2d(call.input, call.offset, call.weight, call.bias,
                                           stride, padding, dilation, call.mask)
     with call.device():
-        if call.on_gpu:
-            out = forward(_kernels.cupy_backend(), geo, call.input, call.offset, call.weight,
+        if call.on_gpu or _is_empty(geo):
+            out = forward(_backend(call), geo, call.input, call.offset, call.weight,
                           call.bias, call.mask)
         else:
             out = reference.deform_conv2d(call.input, call.offset, call.weight, call.bias,
@@ -90,8 +90,8 @@ def deform_conv2d_backward(grad_output, input, offset, weight, bias=None, stride
                                           stride, padding, dilation, call.mask,
                                           grad_output=call.grad_output)
     with call.device():
-        if call.on_gpu:
-            grads = backward(_kernels.cupy_backend(), geo, call.grad_output, call.input,
+        if call.on_gpu or _is_empty(geo):
+            grads = backward(_backend(call), geo, call.grad_output, call.input,
                              call.offset, call.weight, call.mask, wrt)
         else:
             full = reference.deform_conv2d_backward(
@@ -101,6 +101,16 @@ def deform_conv2d_backward(grad_output, input, offset, weight, bias=None, stride
                 g.astype(geo.dtype.dtype) if name in wrt and g is not None else None
                 for name, g in zip(GRADIENTS, full)))
     return call.wrap(grads)
+
+
+def _is_empty(geo):
+    return geo.B * geo.Cout * geo.Ho * geo.Wo == 0
+
+
+def _backend(call):
+    # Empty work launches nothing, so on the CPU the host backend (which
+    # compiles only when it launches) returns the empty or zero results.
+    return _kernels.cupy_backend() if call.on_gpu else _kernels.HostBackend()
 
 
 def _check_wrt(wrt, bias, mask):
@@ -201,7 +211,7 @@ def backward(backend, geo, grad_output, input, offset, weight, mask, wrt):
     grad_input = xp.zeros(input.shape, acc) if "input" in wrt else None
     grad_offset = _config.empty(xp, offset.shape, dtype) if "offset" in wrt else None
     grad_mask = _config.empty(xp, mask.shape, dtype) if "mask" in wrt else None
-    grad_weight = (xp.zeros((groups, geo.Cout // groups, weight[0].size), acc)
+    grad_weight = (xp.zeros((groups, geo.Cout // groups, geo.C // groups * geo.kh * geo.kw), acc)
                    if "weight" in wrt else None)
     grad_bias = (grad_output.astype(acc).sum(axis=(0, 2, 3)).astype(dtype)
                  if "bias" in wrt else None)

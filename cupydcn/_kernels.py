@@ -108,6 +108,7 @@ class CupyBackend:
     """Runs kernels with CuPy on the current device and the current stream."""
 
     name = "cupy"
+    OPTIONS = ("-std=c++17",)
 
     def __init__(self):
         import cupy
@@ -126,7 +127,7 @@ class CupyBackend:
                 if module is None:
                     module = cupy.RawModule(
                         code=source(file),
-                        options=("-std=c++17",),
+                        options=self.OPTIONS,
                         name_expressions=name_expressions(file, dtype, bits),
                     )
                     module.compile()
@@ -149,15 +150,17 @@ class HostBackend:
     ``c++``); the shared library is cached under ``$CUPYDCN_CACHE_DIR`` (default
     ``~/.cache/cupydcn``) by a hash of everything that went in. A small grid
     and block (``grid`` x ``block`` serial "threads") exercise the grid-stride
-    loops the way a GPU does.
+    loops the way a GPU does. ``sources`` maps a file to replacement source
+    text (the tests use it to show that a wrong kernel fails them).
     """
 
     name = "host"
     xp = numpy
     FLAGS = ("-std=c++17", "-O2", "-shared", "-fPIC", "-fno-strict-aliasing")
 
-    def __init__(self, grid=3, block=5, compiler=None):
+    def __init__(self, grid=3, block=5, compiler=None, sources=None):
         self.grid, self.block = grid, block
+        self.sources = dict(sources or {})
         self.compiler = compiler or os.environ.get("CXX") or "c++"
         self._libraries = {}
         self._lock = threading.Lock()
@@ -177,7 +180,8 @@ class HostBackend:
                         "(unsigned int grid, unsigned int block, void** args) "
                         f"{{ dcn_host_launch(&{template_name(kernel, dtype, bits)}, grid, block, args); }}"
                     )
-        return "\n".join([shim, source(file), "// ---- host launch wrappers ----", *wrappers, ""])
+        text = self.sources.get(file) or source(file)
+        return "\n".join([shim, text, "// ---- host launch wrappers ----", *wrappers, ""])
 
     def library(self, file):
         library = self._libraries.get(file)

@@ -1,0 +1,73 @@
+"""Shared fixtures: the host-built kernels, buffer poisoning, the GPU marker.
+
+Tests marked ``gpu`` run only where CuPy sees a CUDA device; elsewhere they are
+skipped with the reason CuPy gave. Relative errors measured by the GPU tier are
+collected into ``$CUPYDCN_ERROR_LOG`` (JSON lines) for tests/run_gpu_tier.py.
+"""
+
+import json
+import os
+
+import numpy
+import pytest
+
+from cupydcn import _config, _kernels
+
+
+def _gpu_skip_reason():
+    try:
+        import cupy
+    except ImportError as error:
+        return f"CuPy is not installed ({error})"
+    try:
+        count = cupy.cuda.runtime.getDeviceCount()
+    except Exception as error:  # no driver, no device: CuPy says which
+        return f"CuPy sees no GPU: {error}"
+    if count == 0:
+        return "CuPy sees no GPU: 0 CUDA devices"
+    return None
+
+
+GPU_SKIP_REASON = _gpu_skip_reason()
+
+
+def pytest_collection_modifyitems(config, items):
+    if GPU_SKIP_REASON is None:
+        return
+    skip = pytest.mark.skip(reason=GPU_SKIP_REASON)
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)
+
+
+@pytest.fixture(scope="session")
+def host():
+    """The kernels compiled for the CPU (kernels/host_shim.h), run serially."""
+    return _kernels.HostBackend(grid=3, block=5)
+
+
+@pytest.fixture(scope="session")
+def gpu():
+    """The CuPy backend; only requested by tests marked gpu."""
+    return _kernels.cupy_backend()
+
+
+@pytest.fixture(autouse=True)
+def poison():
+    """Every buffer a kernel must fill starts as NaN."""
+    previous, _config.poison = _config.poison, True
+    yield
+    _config.poison = previous
+
+
+@pytest.fixture
+def record_error():
+    """record_error(dtype, op, err): log a measured relative error (GPU tier)."""
+    path = os.environ.get("CUPYDCN_ERROR_LOG")
+
+    def record(dtype, op, err):
+        if path:
+            with open(path, "a") as log:
+                log.write(json.dumps({"dtype": str(dtype), "op": op, "err": float(err)}) + "\n")
+
+    return record

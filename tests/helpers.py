@@ -1,0 +1,50 @@
+"""Comparison helpers shared by the tests (SEMANTICS.md section 4)."""
+
+import numpy
+
+try:
+    import ml_dtypes
+except ImportError:
+    ml_dtypes = None
+
+# Relative-norm tolerances against the float64 reference.
+TOLERANCE = {"float64": 1e-12, "float32": 1e-5, "float16": 1e-2, "bfloat16": 2e-2}
+
+DTYPES = [numpy.float64, numpy.float32, numpy.float16]
+if ml_dtypes is not None:
+    DTYPES.append(ml_dtypes.bfloat16)
+
+
+def dtype_name(dtype):
+    return numpy.dtype(dtype).name
+
+
+def to_numpy(x):
+    """A float64 NumPy copy of a NumPy or CuPy array."""
+    if hasattr(x, "get"):
+        x = x.get()
+    return numpy.asarray(x).astype(numpy.float64)
+
+
+def rel_err(got, ref):
+    """||got - ref|| / ||ref||; NaN anywhere in ``got`` gives inf."""
+    got, ref = to_numpy(got), to_numpy(ref)
+    assert got.shape == ref.shape, (got.shape, ref.shape)
+    if not numpy.all(numpy.isfinite(got)):
+        return float("inf")
+    scale = numpy.linalg.norm(ref)
+    diff = numpy.linalg.norm(got - ref)
+    return float(diff / scale) if scale > 0 else float(diff)
+
+
+def assert_close(got, ref, dtype, what=""):
+    err = rel_err(got, ref)
+    tol = TOLERANCE[dtype_name(dtype)]
+    assert err <= tol, f"{what}: relative error {err:.3e} > {tol:.0e} ({dtype_name(dtype)})"
+    return err
+
+
+def rounded(x, dtype):
+    """``x`` rounded to ``dtype`` and back to float64: the exact inputs a
+    reduced-precision kernel sees, so the reference is fed the same numbers."""
+    return numpy.asarray(x).astype(dtype).astype(numpy.float64)
