@@ -2,17 +2,11 @@
 
 import numpy
 
-try:
-    import ml_dtypes
-except ImportError:
-    ml_dtypes = None
+from cupydcn import _dtypes
 
-# Relative-norm tolerances against the float64 reference.
-TOLERANCE = {"float64": 1e-12, "float32": 1e-5, "float16": 1e-2, "bfloat16": 2e-2}
-
-DTYPES = [numpy.float64, numpy.float32, numpy.float16]
-if ml_dtypes is not None:
-    DTYPES.append(ml_dtypes.bfloat16)
+# Relative-norm tolerances against the float64 reference (the dtype table's).
+TOLERANCE = {row.name: row.tolerance for row in _dtypes.DTYPES.values()}
+DTYPES = [row.dtype.type for row in _dtypes.DTYPES.values()]
 
 
 def dtype_name(dtype):
