@@ -31,8 +31,8 @@ def get_workspace_limit():
 
 
 def empty(xp, shape, dtype):
-    """An uninitialised buffer (NaN-filled when ``poison`` is set)."""
+    """An uninitialised buffer (NaN-filled, -1 for integers, when ``poison`` is set)."""
     out = xp.empty(shape, dtype)
     if poison:
-        out.fill(float("nan"))
+        out.fill(-1 if out.dtype.kind in "iu" else float("nan"))
     return out

@@ -11,6 +11,8 @@ from __future__ import annotations
 
 from typing import NamedTuple
 
+import numpy
+
 from cupydcn import _arrays, _config, _dtypes, _kernels, _validation, reference
 
 _FILE = "deform_conv"
@@ -68,7 +70,7 @@ def deform_conv2d(input, offset, weight, bias=None, stride=1, padding=0, dilatio
 
 
 def deform_conv2d_backward(grad_output, input, offset, weight, bias=None, stride=1, padding=0,
-                           dilation=1, mask=None, wrt=GRADIENTS):
+                           dilation=1, mask=None, wrt=GRADIENTS, deterministic=False):
     """Gradients of :func:`deform_conv2d` (torchvision's, SEMANTICS.md s. 1).
 
     Args:
@@ -78,6 +80,10 @@ def deform_conv2d_backward(grad_output, input, offset, weight, bias=None, stride
         wrt: the names of the gradients to compute, a subset of
             ``("input", "offset", "weight", "bias", "mask")``; only those are
             computed (bias and mask only when given).
+        deterministic: compute the input gradient without floating-point
+            atomics (samples sorted by the pixel cell they touch, then one
+            gathering thread per input element), so every gradient is
+            bit-identical from run to run; slower than the default scatter.
 
     Returns:
         DeformConv2dGrads(input, offset, weight, bias, mask), each an array
@@ -92,7 +98,7 @@ def deform_conv2d_backward(grad_output, input, offset, weight, bias=None, stride
     with call.device():
         if call.on_gpu or _is_empty(geo):
             grads = backward(_backend(call), geo, call.grad_output, call.input,
-                             call.offset, call.weight, call.mask, wrt)
+                             call.offset, call.weight, call.mask, wrt, deterministic)
         else:
             full = reference.deform_conv2d_backward(
                 call.grad_output, call.input, call.offset, call.weight, call.bias, geo.stride,
@@ -203,7 +209,25 @@ def forward(backend, geo, input, offset, weight, bias=None, mask=None):
     return out
 
 
-def backward(backend, geo, grad_output, input, offset, weight, mask, wrt):
+def _col2im_gather(backend, geo, bits, tile, grad_columns, offset, mask, grad_input):
+    """The deterministic input gradient of one tile (see deform_sample_keys)."""
+    xp = backend.xp
+    args = _geometry_args(geo, tile)
+    n = tile.nb * geo.offset_groups * geo.kh * geo.kw * tile.nrows * geo.Wo
+    keys = _config.empty(xp, (n,), numpy.int64)
+    backend.launch(_FILE, "deform_sample_keys", geo.dtype, bits, n, [offset, keys, *args])
+    keys = xp.sort(keys)  # unique keys: any correct sort gives this order
+    order = keys % n
+    cells = (geo.H + 1) * (geo.W + 1) + 1
+    starts = xp.searchsorted(keys // n, xp.arange(tile.nb * geo.offset_groups * cells + 1,
+                                                  dtype=numpy.int64))
+    backend.launch(_FILE, "deform_col2im_gather", geo.dtype, bits,
+                   tile.nb * geo.C * geo.H * geo.W,
+                   [grad_columns, offset, mask, order, xp.ascontiguousarray(starts), grad_input,
+                    *args])
+
+
+def backward(backend, geo, grad_output, input, offset, weight, mask, wrt, deterministic=False):
     """The kernel path of deform_conv2d_backward; ``wrt`` a set of GRADIENTS."""
     xp = backend.xp
     dtype, acc = geo.dtype.dtype, geo.dtype.acc
@@ -234,7 +258,10 @@ def backward(backend, geo, grad_output, input, offset, weight, mask, wrt):
                                    geo.offset_groups * geo.kh * geo.kw * n_columns,
                                    [grad_columns, input, offset, mask, grad_offset, grad_mask,
                                     *args])
-                if grad_input is not None:
+                if grad_input is not None and deterministic:
+                    _col2im_gather(backend, geo, bits, tile, grad_columns, offset, mask,
+                                   grad_input)
+                elif grad_input is not None:
                     backend.launch(_FILE, "deform_col2im", geo.dtype, bits, grad_columns.size,
                                    [grad_columns, offset, mask, grad_input, *args])
             if grad_weight is not None:

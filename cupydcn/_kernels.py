@@ -34,7 +34,8 @@ from cupydcn import _dtypes
 
 # The kernels each source file defines, all templates <T, I>.
 KERNELS = {
-    "deform_conv": ("deform_im2col", "deform_col2im", "deform_col2im_coord"),
+    "deform_conv": ("deform_im2col", "deform_col2im", "deform_col2im_coord",
+                    "deform_sample_keys", "deform_col2im_gather"),
 }
 
 BLOCK = 256

@@ -153,3 +153,103 @@ __global__ void deform_col2im_coord(const typename dcn_acc<T>::type* __restrict_
     if (grad_mask) grad_mask[mask_index] = dcn_store<T>(sum_mask);
   }
 }
+
+// ---- deterministic input gradient (no floating-point atomics) ----
+//
+// deform_sample_keys: one thread per sample s = ((bi*offset_groups + g)*taps
+// + k)*nrows*Wo + r*Wo + ox of the tile. A sample inside the open box
+// contributes to the four corners of the cell whose top-left corner is
+// (floor(y), floor(x)); cells are numbered (y0 + 1)*(W + 1) + (x0 + 1) in
+// [0, (H+1)*(W+1)), and (H+1)*(W+1) means "no contribution". The key is
+// ((bi*offset_groups + g)*cells + cell)*n + s, unique, so sorting the keys
+// orders the samples by (image, group, cell) the same way on every run.
+//
+// deform_col2im_gather: one thread per input element (bi, c, yy, xx) of the
+// tile's images. It visits the four cells that have (yy, xx) as a corner, and
+// in each the samples of its offset group in key order (``order`` is the
+// sorted sample list, ``starts[(bi*offset_groups + g)*cells + cell]`` the
+// first entry of each cell), adding weight * grad_col * mask in registers,
+// then adds the sum to grad_input once. The order of every sum is fixed, so
+// the result is bit-identical from run to run.
+template <typename T, typename I>
+__global__ void deform_sample_keys(const T* __restrict__ offset, long long* __restrict__ keys,
+                                   I C, I H, I W, I kh, I kw, I stride_h, I stride_w, I pad_h,
+                                   I pad_w, I dil_h, I dil_w, I Ho, I Wo, I offset_groups,
+                                   I b0, I nb, I oy0, I nrows) {
+  typedef typename dcn_acc<T>::type A;
+  const I taps = kh * kw;
+  const I plane = nrows * Wo;
+  const I n = nb * offset_groups * taps * plane;
+  const long long cells = (long long)(H + 1) * (W + 1) + 1;
+  DCN_KERNEL_LOOP(s, I, n) {
+    const I ox = s % Wo;
+    const I r = (s / Wo) % nrows;
+    I t = s / plane;
+    const I k = t % taps;
+    t /= taps;  // bi * offset_groups + g
+    const I g = t % offset_groups;
+    const I b = b0 + t / offset_groups;
+    const I oy = oy0 + r;
+    const I i = k / kw, j = k % kw;
+    const I pixels = Ho * Wo;
+    const T* off = offset + (b * offset_groups + g) * 2 * taps * pixels + oy * Wo + ox;
+    const A y = (A)(oy * stride_h - pad_h + i * dil_h) + dcn_load(off[2 * k * pixels]);
+    const A x = (A)(ox * stride_w - pad_w + j * dil_w) + dcn_load(off[(2 * k + 1) * pixels]);
+    long long cell = cells - 1;
+    if (y > (A)-1 && y < (A)H && x > (A)-1 && x < (A)W) {
+      cell = ((long long)dcn_floor(y) + 1) * (W + 1) + ((long long)dcn_floor(x) + 1);
+    }
+    keys[s] = ((long long)t * cells + cell) * (long long)n + s;
+  }
+}
+
+template <typename T, typename I>
+__global__ void deform_col2im_gather(const typename dcn_acc<T>::type* __restrict__ grad_columns,
+                                     const T* __restrict__ offset, const T* __restrict__ mask,
+                                     const long long* __restrict__ order,
+                                     const long long* __restrict__ starts,
+                                     typename dcn_acc<T>::type* __restrict__ grad_input,
+                                     I C, I H, I W, I kh, I kw, I stride_h, I stride_w, I pad_h,
+                                     I pad_w, I dil_h, I dil_w, I Ho, I Wo, I offset_groups,
+                                     I b0, I nb, I oy0, I nrows) {
+  typedef typename dcn_acc<T>::type A;
+  const I taps = kh * kw;
+  const I plane = nrows * Wo;
+  const I ncols = nb * plane;
+  const I n = nb * C * H * W;
+  const I channels_per_group = C / offset_groups;
+  const long long cells = (long long)(H + 1) * (W + 1) + 1;
+  DCN_KERNEL_LOOP(index, I, n) {
+    const I xx = index % W;
+    const I yy = (index / W) % H;
+    const I c = (index / (W * H)) % C;
+    const I bi = index / (W * H * C);
+    const I b = b0 + bi;
+    const I g = c / channels_per_group;
+    const I pixels = Ho * Wo;
+    const long long base = (long long)(bi * offset_groups + g) * cells;
+    A sum = 0;
+    for (int role = 0; role < 4; ++role) {
+      const I cy = role >> 1, cx = role & 1;  // (yy, xx) is corner (cy, cx) of the cell
+      const long long cell = (long long)(yy - cy + 1) * (W + 1) + (xx - cx + 1);
+      const long long end = starts[base + cell + 1];
+      for (long long e = starts[base + cell]; e < end; ++e) {
+        const I s = (I)order[e];
+        const I ox = s % Wo;
+        const I r = (s / Wo) % nrows;
+        const I k = (s / plane) % taps;
+        const I oy = oy0 + r;
+        const I i = k / kw, j = k % kw;
+        const I off_base = (b * offset_groups + g) * 2 * taps * pixels + oy * Wo + ox;
+        const A y = (A)(oy * stride_h - pad_h + i * dil_h) + dcn_load(offset[off_base + 2 * k * pixels]);
+        const A x = (A)(ox * stride_w - pad_w + j * dil_w) + dcn_load(offset[off_base + (2 * k + 1) * pixels]);
+        const A ly = y - dcn_floor(y), lx = x - dcn_floor(x);
+        const A weight = (cy ? ly : (A)1 - ly) * (cx ? lx : (A)1 - lx);
+        A grad = grad_columns[(c * taps + k) * ncols + bi * plane + r * Wo + ox];
+        if (mask) grad *= dcn_load(mask[(b * offset_groups + g) * taps * pixels + k * pixels + oy * Wo + ox]);
+        sum += weight * grad;
+      }
+    }
+    grad_input[(b * C + c) * H * W + yy * W + xx] += sum;
+  }
+}

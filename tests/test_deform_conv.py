@@ -442,3 +442,55 @@ def test_gpu_mixed_devices_rejected(gpu):
     with pytest.raises(ValueError, match=r"offset is on the CPU but input is on cuda:0"):
         cupydcn.deform_conv2d(cupy.asarray(typed["input"]), typed["offset"],
                               cupy.asarray(typed["weight"]), padding=1)
+
+
+# ---------------------------------------------------------------- determinism
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=dtype_name)
+@pytest.mark.parametrize("case", [CASES[0], CASES[1], CASES[4]], ids=case_id)
+def test_host_deterministic_backward_matches_reference(host, case, dtype):
+    typed, exact, params = make_case(case, dtype)
+    _, ref_grads = reference_results(exact, params)
+    geo = _validation.check_deform_conv2d(typed["input"], typed["offset"], typed["weight"],
+                                          typed["bias"], mask=typed["mask"], **params)
+    grads = _deform_conv.backward(host, geo, typed["grad_output"], typed["input"],
+                                  typed["offset"], typed["weight"], typed["mask"],
+                                  frozenset({"input"}), deterministic=True)
+    assert_close(grads.input, ref_grads.input, dtype, "deterministic grad_input")
+
+
+def test_host_deterministic_backward_row_tiles(host):
+    typed, exact, params = make_case(CASES[1], numpy.float64)
+    _, ref_grads = reference_results(exact, params)
+    previous = cupydcn.set_workspace_limit(1)
+    try:
+        grads = cupydcn.deform_conv2d_backward(
+            typed["grad_output"], typed["input"], typed["offset"], typed["weight"],
+            mask=typed["mask"], wrt=("input",), deterministic=True, **params)
+    finally:
+        cupydcn.set_workspace_limit(previous)
+    assert_close(grads.input, ref_grads.input, numpy.float64)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", DTYPES, ids=dtype_name)
+def test_gpu_deterministic_backward_is_bit_identical(gpu, dtype, record_error):
+    import cupy
+
+    # many samples land on the same pixels: atomics would reorder their sums
+    case = (4, 32, 24, 24, 32, 3, 3, 1, 1, (1, 1), (1, 1), (1, 1), True, True)
+    typed, exact, params = make_case(case, dtype)
+    typed["offset"] = (typed["offset"].astype(numpy.float64) * 0.2).astype(dtype)
+    exact["offset"] = rounded(typed["offset"], dtype)
+    _, ref_grads = reference_results(exact, params)
+    on_gpu = {k: None if v is None else cupy.asarray(v) for k, v in typed.items()}
+    runs = [cupydcn.deform_conv2d_backward(on_gpu["grad_output"], on_gpu["input"],
+                                           on_gpu["offset"], on_gpu["weight"], on_gpu["bias"],
+                                           mask=on_gpu["mask"], deterministic=True, **params)
+            for _ in range(3)]
+    for name in _deform_conv.GRADIENTS:
+        first = to_numpy(getattr(runs[0], name))
+        for other in runs[1:]:
+            numpy.testing.assert_array_equal(to_numpy(getattr(other, name)), first, err_msg=name)
+        record_error(dtype_name(dtype), f"deform_conv2d deterministic grad_{name}",
+                     assert_close(first, getattr(ref_grads, name), dtype, name))
