@@ -152,15 +152,17 @@ class HostBackend:
     ``~/.cache/cupydcn``) by a hash of everything that went in. A small grid
     and block (``grid`` x ``block`` serial "threads") exercise the grid-stride
     loops the way a GPU does. ``sources`` maps a file to replacement source
-    text (the tests use it to show that a wrong kernel fails them).
+    text (the tests use it to show that a wrong kernel fails them); ``flags``
+    are added to the compiler's (e.g. ``-fsanitize=address``).
     """
 
     name = "host"
     xp = numpy
     FLAGS = ("-std=c++17", "-O2", "-shared", "-fPIC", "-fno-strict-aliasing")
 
-    def __init__(self, grid=3, block=5, compiler=None, sources=None):
+    def __init__(self, grid=3, block=5, compiler=None, sources=None, flags=()):
         self.grid, self.block = grid, block
+        self.flags = (*self.FLAGS, *flags)
         self.sources = dict(sources or {})
         self.compiler = compiler or os.environ.get("CXX") or "c++"
         self._libraries = {}
@@ -198,7 +200,7 @@ class HostBackend:
     def _compile(self, text, file):
         if shutil.which(self.compiler) is None:
             raise RuntimeError(f"the host build needs a C++ compiler; {self.compiler!r} not found")
-        digest = hashlib.sha256((text + repr((self.compiler, self.FLAGS))).encode()).hexdigest()[:20]
+        digest = hashlib.sha256((text + repr((self.compiler, self.flags))).encode()).hexdigest()[:20]
         cache = pathlib.Path(os.environ.get("CUPYDCN_CACHE_DIR") or pathlib.Path.home() / ".cache" / "cupydcn")
         cache.mkdir(parents=True, exist_ok=True)
         target = cache / f"host_{file}_{digest}.so"
@@ -209,7 +211,7 @@ class HostBackend:
             src.write_text(text)
             out = pathlib.Path(tmp) / "lib.so"
             result = subprocess.run(
-                [self.compiler, *self.FLAGS, str(src), "-o", str(out)],
+                [self.compiler, *self.flags, str(src), "-o", str(out)],
                 capture_output=True, text=True,
             )
             if result.returncode != 0:

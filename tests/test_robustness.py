@@ -1,0 +1,299 @@
+"""Robustness on the CPU tier: bad values, huge sizes, determinism, concurrency,
+recovery, and properties over random shapes (hypothesis).
+
+The kernels run here through the host build; the memory-safety check builds
+them with AddressSanitizer (the CPU stand-in for compute-sanitizer's memcheck,
+which the GPU tier runs) and feeds them NaN, +-inf and +-1e30.
+"""
+
+import os
+import pathlib
+import subprocess
+import sys
+import textwrap
+import threading
+
+import numpy
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+import cupydcn
+from cupydcn import _arrays, _deform_conv, _kernels, _validation, reference
+from helpers import assert_close
+from test_deform_conv import CASES, make_case, reference_results, run_kernels
+
+ROOT = pathlib.Path(__file__).resolve().parent.parent
+
+
+# ---------------------------------------------------------------- memory safety
+
+def _libasan():
+    compiler = _kernels.HostBackend().compiler
+    path = subprocess.run([compiler, "-print-file-name=libasan.so"], capture_output=True,
+                          text=True).stdout.strip()
+    return path if os.path.isabs(path) and os.path.exists(path) else None
+
+
+ASAN_SCRIPT = textwrap.dedent("""
+    import sys
+    import numpy
+    from cupydcn import _deform_conv, _kernels, _validation
+
+    mutated = sys.argv[1] == "mutated"
+    sources = {}
+    if mutated:  # one element past the columns buffer: must be caught
+        text = _kernels.source("deform_conv")
+        sources["deform_conv"] = text.replace("col[k * ncols] = v;", "col[k * ncols + 1] = v;")
+        assert sources["deform_conv"] != text
+    backend = _kernels.HostBackend(sources=sources,
+                                   flags=("-fsanitize=address", "-fno-omit-frame-pointer"))
+    rng = numpy.random.default_rng(0)
+    x = rng.standard_normal((2, 4, 6, 7))
+    w = rng.standard_normal((6, 2, 3, 3))
+    offset = rng.uniform(-2, 2, (2, 2 * 2 * 9, 6, 7))
+    for value, step in ((numpy.nan, 5), (numpy.inf, 7), (-numpy.inf, 11), (1e30, 13),
+                        (-1e30, 17), (3e9, 19), (-3e9, 23)):
+        offset.flat[step // 2::step] = value
+    mask = rng.uniform(0, 1, (2, 2 * 9, 6, 7))
+    mask.flat[::29] = numpy.nan
+    grad = rng.standard_normal((2, 6, 6, 7))
+    geo = _validation.check_deform_conv2d(x, offset, w, None, 1, 1, 1, mask)
+    out = _deform_conv.forward(backend, geo, x, offset, w, None, mask)
+    for deterministic in (False, True):
+        grads = _deform_conv.backward(backend, geo, grad, x, offset, w, mask,
+                                      frozenset({"input", "offset", "weight", "mask"}),
+                                      deterministic)
+    print("clean", out.shape)
+""")
+
+
+@pytest.fixture(scope="module")
+def asan_env(tmp_path_factory):
+    library = _libasan()
+    if library is None:
+        pytest.skip("the C++ compiler has no AddressSanitizer runtime (libasan.so)")
+    return {**os.environ, "LD_PRELOAD": library, "ASAN_OPTIONS": "detect_leaks=0",
+            "PYTHONPATH": str(ROOT), "CUPYDCN_CACHE_DIR": str(tmp_path_factory.mktemp("asan"))}
+
+
+def test_bad_values_never_touch_memory_out_of_bounds(asan_env):
+    result = subprocess.run([sys.executable, "-c", ASAN_SCRIPT, "clean"], env=asan_env,
+                            capture_output=True, text=True, cwd=ROOT)
+    assert result.returncode == 0 and "clean" in result.stdout, result.stderr[-3000:]
+    assert "AddressSanitizer" not in result.stderr
+
+
+def test_address_sanitizer_catches_an_out_of_bounds_write(asan_env):
+    result = subprocess.run([sys.executable, "-c", ASAN_SCRIPT, "mutated"], env=asan_env,
+                            capture_output=True, text=True, cwd=ROOT)
+    assert result.returncode != 0
+    assert "heap-buffer-overflow" in result.stderr
+
+
+def test_non_finite_positions_count_as_outside(host):
+    """A sample at a NaN/inf/huge position contributes 0, like a far-away one."""
+    typed, _, params = make_case(CASES[0], numpy.float64)
+    far = dict(typed)
+    far["offset"] = typed["offset"].copy()
+    bad = dict(typed)
+    bad["offset"] = typed["offset"].copy()
+    for value, step in ((numpy.nan, 3), (numpy.inf, 5), (-1e30, 7)):
+        bad["offset"].flat[::step] = value
+        far["offset"].flat[::step] = 1e4  # finite, far outside
+    out_bad, grads_bad = run_kernels(host, bad, params)
+    out_far, grads_far = run_kernels(host, far, params)
+    numpy.testing.assert_array_equal(out_bad, out_far)
+    numpy.testing.assert_array_equal(grads_bad.input, grads_far.input)
+    numpy.testing.assert_array_equal(grads_bad.weight, grads_far.weight)
+    assert numpy.all(numpy.isfinite(grads_bad.offset))
+    ref = reference.deform_conv2d(bad["input"], bad["offset"], bad["weight"], bad["bias"],
+                                  mask=bad["mask"], **params)
+    assert_close(out_bad, ref, numpy.float64)
+
+
+# ---------------------------------------------------------------- large sizes
+
+def test_large_input_plan_is_bounded_by_the_workspace():
+    """B=1, C=256, 3x3 at 1024x1024: columns of 2.4e9 elements, in row chunks."""
+    shapes = {"input": (1, 256, 1024, 1024), "offset": (1, 18, 1024, 1024),
+              "weight": (256, 256, 3, 3)}
+    fake = {k: numpy.lib.stride_tricks.as_strided(numpy.zeros(1, numpy.float32), v,
+                                                  (0,) * len(v)) for k, v in shapes.items()}
+    geo = _validation.check_deform_conv2d(fake["input"], fake["offset"], fake["weight"], padding=1)
+    assert geo.C * 9 * geo.Ho * geo.Wo > 2**31
+    for limit in (64 * 2**20, 256 * 2**20, 2**30):
+        previous = cupydcn.set_workspace_limit(limit)
+        try:
+            plan = _deform_conv.tiles(geo)
+        finally:
+            cupydcn.set_workspace_limit(previous)
+        rows = [t.out_rows for t in plan]
+        assert max(rows) * geo.C * 9 * geo.Wo * 4 <= limit
+        assert sum(rows) == geo.Ho and all(t.nb == 1 for t in plan)
+        assert _deform_conv._index_bits(geo, plan) == 32  # every buffer fits int32
+    # an input that itself passes 2**31 elements needs 64-bit indices
+    shapes["input"] = (9, 256, 1024, 1024)
+    shapes["offset"] = (9, 18, 1024, 1024)
+    fake = {k: numpy.lib.stride_tricks.as_strided(numpy.zeros(1, numpy.float32), v,
+                                                  (0,) * len(v)) for k, v in shapes.items()}
+    geo = _validation.check_deform_conv2d(fake["input"], fake["offset"], fake["weight"], padding=1)
+    assert _deform_conv._index_bits(geo, _deform_conv.tiles(geo)) == 64
+
+
+# ---------------------------------------------------------------- determinism
+
+def test_deterministic_backward_is_independent_of_the_grid():
+    """The gather backward sums in a fixed order: any grid gives the same bits."""
+    typed, _, params = make_case(CASES[4], numpy.float32)
+    geo = _validation.check_deform_conv2d(typed["input"], typed["offset"], typed["weight"],
+                                          mask=typed["mask"], **params)
+    results = []
+    for grid, block in ((1, 1), (3, 5), (16, 32)):
+        backend = _kernels.HostBackend(grid=grid, block=block)
+        grads = _deform_conv.backward(backend, geo, typed["grad_output"], typed["input"],
+                                      typed["offset"], typed["weight"], typed["mask"],
+                                      frozenset(_deform_conv.GRADIENTS) - {"bias"},
+                                      deterministic=True)
+        results.append(grads)
+    for other in results[1:]:
+        for name in ("input", "offset", "weight", "mask"):
+            numpy.testing.assert_array_equal(getattr(other, name), getattr(results[0], name))
+
+
+# ---------------------------------------------------------------- concurrency
+
+def test_threads_share_the_host_build_and_compute_correctly(tmp_path, monkeypatch):
+    monkeypatch.setenv("CUPYDCN_CACHE_DIR", str(tmp_path))  # every thread compiles at once
+    cases = [make_case(CASES[i % 2], numpy.float64, seed=i) for i in range(6)]
+    expected = [reference_results(exact, params)[0] for _, exact, params in cases]
+    backend = _kernels.HostBackend()
+    results, errors = [None] * len(cases), []
+
+    def work(i):
+        try:
+            typed, _, params = cases[i]
+            own = backend if i % 2 else _kernels.HostBackend()
+            results[i] = run_kernels(own, typed, params)[0]
+        except Exception as error:  # reported below
+            errors.append(error)
+
+    threads = [threading.Thread(target=work, args=(i,)) for i in range(len(cases))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors, errors
+    for got, ref in zip(results, expected):
+        assert_close(got, ref, numpy.float64)
+    assert len(list(tmp_path.glob("host_deform_conv_*.so"))) == 1
+
+
+def test_cupy_backend_is_one_object_under_threads():
+    pytest.importorskip("cupy", reason="CuPy is not installed")
+    seen = []
+    threads = [threading.Thread(target=lambda: seen.append(_kernels.cupy_backend()))
+               for _ in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert len({id(b) for b in seen}) == 1
+
+
+class _FakeCuda:
+    """A DLPack array that claims to live on a CUDA device."""
+
+    def __init__(self, device):
+        self.device = device
+        self.shape, self.dtype = (1,), numpy.float32
+
+    def __dlpack__(self, **kwargs):
+        raise AssertionError("not converted in these tests")
+
+    def __dlpack_device__(self):
+        return 2, self.device
+
+
+def test_device_selection_follows_the_arrays():
+    assert _arrays._where(_FakeCuda(1), "input") == ("cuda", 1)
+    assert _arrays._where(numpy.zeros(1), "input") == ("cpu", None)
+    with pytest.raises(ValueError, match=r"offset is on cuda:1 but input is on cuda:0"):
+        _arrays.Call(input=_FakeCuda(0), offset=_FakeCuda(1))
+    with pytest.raises(ValueError, match=r"weight is on the CPU but input is on cuda:3"):
+        _arrays.Call(input=_FakeCuda(3), weight=numpy.zeros(1))
+
+
+# ---------------------------------------------------------------- recovery
+
+def test_a_failed_kernel_build_leaves_the_next_call_working(host):
+    broken = _kernels.HostBackend(sources={"deform_conv": "this is not C++"})
+    typed, exact, params = make_case(CASES[0], numpy.float64)
+    with pytest.raises(RuntimeError, match="host build of deform_conv.cu failed"):
+        run_kernels(broken, typed, params)
+    out, _ = run_kernels(host, typed, params)
+    assert_close(out, reference_results(exact, params)[0], numpy.float64)
+
+
+# ---------------------------------------------------------------- properties
+
+DOCUMENTED_ERRORS = (ValueError, TypeError)
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(data=st.data())
+def test_validation_raises_only_documented_errors(data):
+    dim = st.integers(0, 5)
+    shape = lambda rank: st.lists(dim, min_size=rank, max_size=rank).map(tuple)  # noqa: E731
+    dtypes = st.sampled_from([numpy.float32, numpy.float64, numpy.float16, numpy.int32])
+    rank = st.sampled_from([3, 4, 4, 4, 5])
+    arrays = {name: numpy.ones(data.draw(shape(data.draw(rank))), data.draw(dtypes))
+              for name in ("input", "offset", "weight")}
+    mask = data.draw(st.none() | shape(4).map(lambda s: numpy.ones(s, numpy.float32)))
+    bias = data.draw(st.none() | shape(1).map(lambda s: numpy.ones(s, numpy.float32)))
+    param = st.integers(-1, 3) | st.tuples(st.integers(-1, 3), st.integers(-1, 3))
+    kwargs = {k: data.draw(param) for k in ("stride", "padding", "dilation")}
+    try:
+        out = cupydcn.deform_conv2d(arrays["input"], arrays["offset"], arrays["weight"], bias,
+                                    mask=mask, **kwargs)
+    except DOCUMENTED_ERRORS as error:
+        assert str(error)  # every error says what went wrong
+    else:
+        geo = _validation.check_deform_conv2d(arrays["input"], arrays["offset"],
+                                              arrays["weight"], bias, mask=mask, **kwargs)
+        assert out.shape == (geo.B, geo.Cout, geo.Ho, geo.Wo)
+
+
+@st.composite
+def conv_cases(draw):
+    groups = draw(st.integers(1, 2))
+    dg = draw(st.integers(1, 2))
+    C = groups * dg * draw(st.integers(1, 2))
+    kh, kw = draw(st.integers(1, 3)), draw(st.integers(1, 3))
+    stride = (draw(st.integers(1, 2)), draw(st.integers(1, 2)))
+    padding = (draw(st.integers(0, 2)), draw(st.integers(0, 2)))
+    dilation = (draw(st.integers(1, 2)), draw(st.integers(1, 2)))
+    H = draw(st.integers(max(1, dilation[0] * (kh - 1) + 1 - 2 * padding[0]), 7))
+    W = draw(st.integers(max(1, dilation[1] * (kw - 1) + 1 - 2 * padding[1]), 7))
+    return (draw(st.integers(1, 3)), C, H, W, groups * draw(st.integers(1, 2)), kh, kw, groups,
+            dg, stride, padding, dilation, draw(st.booleans()), draw(st.booleans()))
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(case=conv_cases(), seed=st.integers(0, 2**16),
+       deterministic=st.booleans())
+def test_host_kernels_agree_with_reference_on_random_cases(host, case, seed, deterministic):
+    typed, exact, params = make_case(case, numpy.float64, seed=seed)
+    ref_out, ref_grads = reference_results(exact, params)
+    geo = _validation.check_deform_conv2d(typed["input"], typed["offset"], typed["weight"],
+                                          typed["bias"], mask=typed["mask"], **params)
+    out = _deform_conv.forward(host, geo, typed["input"], typed["offset"], typed["weight"],
+                               typed["bias"], typed["mask"])
+    wrt = _deform_conv._check_wrt(_deform_conv.GRADIENTS, typed["bias"], typed["mask"])
+    grads = _deform_conv.backward(host, geo, typed["grad_output"], typed["input"],
+                                  typed["offset"], typed["weight"], typed["mask"], wrt,
+                                  deterministic)
+    assert_close(out, ref_out, numpy.float64, "forward")
+    for name in _deform_conv.GRADIENTS:
+        if getattr(ref_grads, name) is not None:
+            assert_close(getattr(grads, name), getattr(ref_grads, name), numpy.float64, name)
