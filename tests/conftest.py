@@ -8,7 +8,6 @@ collected into ``$CUPYDCN_ERROR_LOG`` (JSON lines) for tests/run_gpu_tier.py.
 import json
 import os
 
-import numpy
 import pytest
 
 from cupydcn import _config, _kernels

@@ -10,8 +10,8 @@ import numpy
 import pytest
 
 import cupydcn
-from cupydcn import _config, _deform_conv, _dtypes, _kernels, _validation, reference
-from helpers import DTYPES, TOLERANCE, assert_close, dtype_name, rel_err, rounded, to_numpy
+from cupydcn import _deform_conv, _dtypes, _kernels, _validation, reference
+from helpers import DTYPES, assert_close, dtype_name, rel_err, rounded, to_numpy
 
 # (B, C, H, W, Cout, kh, kw, groups, offset_groups, stride, padding, dilation, mask, bias)
 CASES = [

@@ -96,7 +96,7 @@ def loop_deform_conv2d(x, offset, weight, bias, stride, padding, dilation, mask)
     """torchvision's forward written one output element at a time (tiny sizes only)."""
     b, c, h, w = x.shape
     cout, cw, kh, kw = weight.shape
-    groups, cog = c // cw, cout // (c // cw)
+    cog = cout // (c // cw)
     dg = offset.shape[1] // (2 * kh * kw)
     ho, wo = offset.shape[2:]
 
