@@ -9,13 +9,27 @@ imports neither CuPy's CUDA runtime, torch nor TensorFlow.
 
 from cupydcn._config import get_workspace_limit, set_workspace_limit
 from cupydcn._deform_conv import DeformConv2dGrads, deform_conv2d, deform_conv2d_backward
+from cupydcn._roi_pool import (
+    DeformPSRoIPoolGrads,
+    DeformRoIPoolGrads,
+    deform_psroi_pool,
+    deform_psroi_pool_backward,
+    deform_roi_pool,
+    deform_roi_pool_backward,
+)
 
 __version__ = "0.1.0"
 
 __all__ = [
     "DeformConv2dGrads",
+    "DeformPSRoIPoolGrads",
+    "DeformRoIPoolGrads",
     "deform_conv2d",
     "deform_conv2d_backward",
+    "deform_psroi_pool",
+    "deform_psroi_pool_backward",
+    "deform_roi_pool",
+    "deform_roi_pool_backward",
     "get_workspace_limit",
     "set_workspace_limit",
 ]

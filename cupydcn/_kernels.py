@@ -36,6 +36,10 @@ from cupydcn import _dtypes
 KERNELS = {
     "deform_conv": ("deform_im2col", "deform_col2im", "deform_col2im_coord",
                     "deform_sample_keys", "deform_col2im_gather"),
+    "deform_roi_pool": ("deform_roi_pool_forward", "deform_roi_pool_backward_input",
+                        "deform_roi_pool_backward_offset"),
+    "deform_psroi_pool": ("deform_psroi_pool_forward", "deform_psroi_pool_backward_input",
+                          "deform_psroi_pool_backward_trans"),
 }
 
 BLOCK = 256

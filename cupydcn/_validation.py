@@ -145,3 +145,166 @@ def check_deform_conv2d(input, offset, weight, bias=None, stride=1, padding=0, d
                          f"got {shape_of(grad_output)}")
     return ConvGeometry(B, C, H, W, Cout, kh, kw, groups, offset_groups, Ho, Wo, stride, padding,
                         dilation, dtype)
+
+
+# --------------------------------------------------------------------------
+# Deformable RoI pooling (SEMANTICS.md sections 2 and 3)
+# --------------------------------------------------------------------------
+
+
+def _real(value, name, positive=False):
+    """``value`` as a finite float (> 0 when ``positive``)."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{name} must be a real number, got {value!r}")
+    result = float(value)
+    if not numpy.isfinite(result) or (positive and result <= 0):
+        raise ValueError(f"{name} must be a finite number{' > 0' if positive else ''}, "
+                         f"got {value!r}")
+    return result
+
+
+def _int(value, name, minimum):
+    """``value`` as an int of at least ``minimum``."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise TypeError(f"{name} must be an int, got {value!r}")
+    if value < minimum:
+        raise ValueError(f"{name} must be >= {minimum}, got {value!r}")
+    return int(value)
+
+
+def check_roi_batch_indices(rois, N):
+    """``rois[:, 0]`` must hold integers in [0, N). Works on NumPy and CuPy
+    arrays; on CuPy it costs one small device -> host read (the kernels also
+    guard: a RoI with an invalid index pools to 0)."""
+    if shape_of(rois)[0] == 0:
+        return
+    column = rois[:, 0].astype("float64")
+    bad = ~((column >= 0) & (column < N) & (column == column.round()))  # NaN fails all
+    if bool(bad.any()):
+        got = float(column[bad][0])
+        raise ValueError(f"rois[:, 0] must hold batch indices in [0, N) = [0, {N}), got {got}")
+
+
+def _check_rois(input, rois):
+    shape = shape_of(rois)
+    if len(shape) != 2 or shape[1] != 5:
+        raise ValueError(f"rois.shape must be (R, 5), got {shape}")
+    check_dtype_matches(input, "input", rois, "rois")
+    return shape[0]
+
+
+def _check_shape(x, name, layout, expected):
+    got = shape_of(x)
+    if got != expected:
+        raise ValueError(f"{name}.shape must be {layout} = {expected}, got {got}")
+
+
+class RoIPoolGeometry(NamedTuple):
+    N: int
+    C: int
+    H: int
+    W: int
+    R: int
+    ph: int
+    pw: int
+    spatial_scale: float
+    sampling_ratio: int
+    gamma: float
+    dtype: _dtypes.DType
+
+
+def check_deform_roi_pool(input, rois, offset=None, output_size=7, spatial_scale=1.0,
+                          sampling_ratio=0, gamma=0.1, mask=None, grad_output=None,
+                          check_batch=True):
+    """Validate a deform_roi_pool call (SEMANTICS.md section 2); return its
+    geometry. ``check_batch`` reads ``rois[:, 0]`` (a device sync on the GPU)."""
+    ph, pw = pair(output_size, "output_size", 1)
+    spatial_scale = _real(spatial_scale, "spatial_scale", positive=True)
+    sampling_ratio = _int(sampling_ratio, "sampling_ratio", 0)
+    gamma = _real(gamma, "gamma")
+    N, C, H, W = check_rank(input, "input", "(N, C, H, W)")
+    dtype = dtype_of(input, "input")
+    for other, other_name in ((offset, "offset"), (mask, "mask"), (grad_output, "grad_output")):
+        if other is not None:
+            check_dtype_matches(input, "input", other, other_name)
+    R = _check_rois(input, rois)
+    if offset is not None:
+        _check_shape(offset, "offset", "(R, 2, ph, pw)", (R, 2, ph, pw))
+    if mask is not None:
+        _check_shape(mask, "mask", "(R, 1, ph, pw)", (R, 1, ph, pw))
+    if grad_output is not None:
+        _check_shape(grad_output, "grad_output", "(R, C, ph, pw)", (R, C, ph, pw))
+    if check_batch:
+        check_roi_batch_indices(rois, N)
+    return RoIPoolGeometry(N, C, H, W, R, ph, pw, spatial_scale, sampling_ratio, gamma, dtype)
+
+
+class PSRoIPoolGeometry(NamedTuple):
+    N: int
+    C: int
+    H: int
+    W: int
+    R: int
+    output_dim: int
+    group_size: int
+    pooled_size: int
+    part_size: int        # the effective part grid: pooled_size when 0 was given
+    sample_per_part: int
+    num_classes: int      # 1 without trans
+    spatial_scale: float
+    trans_std: float
+    dtype: _dtypes.DType
+
+
+def check_deform_psroi_pool(input, rois, trans=None, spatial_scale=1.0, output_dim=None,
+                            group_size=1, pooled_size=7, part_size=0, sample_per_part=4,
+                            trans_std=0.0, grad_output=None, count=None, check_batch=True):
+    """Validate a deform_psroi_pool call (SEMANTICS.md section 3); return its
+    geometry. ``count`` may be of the accumulation dtype (what the forward
+    returns) or of the input's dtype."""
+    spatial_scale = _real(spatial_scale, "spatial_scale", positive=True)
+    trans_std = _real(trans_std, "trans_std")
+    group_size = _int(group_size, "group_size", 1)
+    pooled_size = _int(pooled_size, "pooled_size", 1)
+    part_size = _int(part_size, "part_size", 0)
+    sample_per_part = _int(sample_per_part, "sample_per_part", 1)
+    N, C, H, W = check_rank(input, "input", "(N, output_dim*group_size**2, H, W)")
+    dtype = dtype_of(input, "input")
+    for other, other_name in ((trans, "trans"), (grad_output, "grad_output")):
+        if other is not None:
+            check_dtype_matches(input, "input", other, other_name)
+    if output_dim is None:
+        output_dim = C // group_size**2
+    output_dim = _int(output_dim, "output_dim", 0)
+    if output_dim * group_size**2 != C:
+        raise ValueError(f"output_dim*group_size**2 = {output_dim}*{group_size}**2 = "
+                         f"{output_dim * group_size**2} must equal input.shape[1] = {C}")
+    R = _check_rois(input, rois)
+    part = part_size or pooled_size
+    num_classes = 1
+    if trans is not None:
+        shape = check_rank(trans, "trans", "(R, 2*num_classes, part_size, part_size)")
+        if shape[0] != R:
+            raise ValueError(f"trans.shape[0] must be R = {R}, got {shape[0]}")
+        if shape[1] < 2 or shape[1] % 2 or output_dim % (shape[1] // 2):
+            raise ValueError(f"trans.shape[1] must be 2*num_classes with num_classes dividing "
+                             f"output_dim = {output_dim}, got {shape[1]}")
+        num_classes = shape[1] // 2
+        if shape[2:] != (part, part):
+            raise ValueError(f"trans.shape[2:] must be (part_size, part_size) = {(part, part)}, "
+                             f"got {shape[2:]}")
+    out_shape = (R, output_dim, pooled_size, pooled_size)
+    if grad_output is not None:
+        _check_shape(grad_output, "grad_output", "(R, output_dim, pooled_size, pooled_size)",
+                     out_shape)
+    if count is not None:
+        got = dtype_of(count, "count")
+        if got.dtype not in (dtype.acc, dtype.dtype):
+            allowed = (dtype.name if dtype.acc == dtype.dtype else
+                       f"{dtype.acc.name} (the accumulation dtype of {dtype.name}) or {dtype.name}")
+            raise TypeError(f"count.dtype must be {allowed}, got {got.name}")
+        _check_shape(count, "count", "(R, output_dim, pooled_size, pooled_size)", out_shape)
+    if check_batch:
+        check_roi_batch_indices(rois, N)
+    return PSRoIPoolGeometry(N, C, H, W, R, output_dim, group_size, pooled_size, part,
+                             sample_per_part, num_classes, spatial_scale, trans_std, dtype)

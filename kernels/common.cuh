@@ -107,6 +107,14 @@ template <> __device__ __forceinline__ dcn_half dcn_store<dcn_half>(float v) {
   return r;
 }
 
+// True for a finite value (false for NaN and +-inf), with no math header.
+__device__ __forceinline__ bool dcn_finite(float v) {
+  return v >= -3.402823466e+38f && v <= 3.402823466e+38f;
+}
+__device__ __forceinline__ bool dcn_finite(double v) {
+  return v >= -1.7976931348623157e+308 && v <= 1.7976931348623157e+308;
+}
+
 template <typename A> __device__ __forceinline__ A dcn_floor(A v);
 template <> __device__ __forceinline__ float dcn_floor<float>(float v) { return floorf(v); }
 template <> __device__ __forceinline__ double dcn_floor<double>(double v) { return floor(v); }

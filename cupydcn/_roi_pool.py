@@ -1,0 +1,391 @@
+"""Deformable RoI pooling: array in, array out, forward and backward.
+
+Two ops: :func:`deform_roi_pool` (RoIAlign style, plain and modulated, mmcv's
+numbers; kernels/deform_roi_pool.cu) and :func:`deform_psroi_pool`
+(position-sensitive, the official DCN operator's numbers;
+kernels/deform_psroi_pool.cu). The kernel paths (``roi_pool_forward``,
+``roi_pool_backward``, ``psroi_pool_forward``, ``psroi_pool_backward``) run on
+either backend: CuPy on the GPU, or the host build of the same source in the
+CPU test tier. NumPy inputs take the reference (``cupydcn.reference``).
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import numpy
+
+from cupydcn import _arrays, _config, _dtypes, _kernels, _validation, reference
+
+_ROI = "deform_roi_pool"
+_PSROI = "deform_psroi_pool"
+ROI_GRADIENTS = ("input", "offset", "mask")
+PSROI_GRADIENTS = ("input", "trans")
+
+
+class DeformRoIPoolGrads(NamedTuple):
+    """Gradients of deform_roi_pool; None where not asked for or not given."""
+    input: object
+    offset: object
+    mask: object
+
+
+class DeformPSRoIPoolGrads(NamedTuple):
+    """Gradients of deform_psroi_pool; None where not asked for or not given."""
+    input: object
+    trans: object
+
+
+def deform_roi_pool(input, rois, offset=None, output_size=7, spatial_scale=1.0,
+                    sampling_ratio=0, gamma=0.1, mask=None):
+    """Deformable RoI pooling, RoIAlign style (mmcv's ``deform_roi_pool``), or
+    modulated deformable RoI pooling when ``mask`` is given.
+
+    ``out[r, c, py, px] = mask[r, 0, py, px] * mean_{iy, ix} bilinear(input[b, c],
+    bin start + gamma*roi_size*offset[r, :, py, px] + (i + 0.5)*bin/grid)``, with
+    ``b = rois[r, 0]``, RoIAlign's bilinear rule and the bin move of channel 0
+    in x and channel 1 in y (SEMANTICS.md s. 2; Dai et al., "Deformable
+    Convolutional Networks", 2017; Zhu et al., "Deformable ConvNets v2", 2019
+    for the modulated op).
+
+    Args:
+        input: (N, C, H, W) array.
+        rois: (R, 5) array of the input's dtype, rows ``[batch_index, x1, y1, x2, y2]``
+            in image coordinates; batch indices must be integers in [0, N).
+        offset: (R, 2, ph, pw) array (channel 0 moves x, channel 1 moves y) or None.
+        output_size: int or (ph, pw) pair.
+        spatial_scale: float > 0, image -> feature map coordinates.
+        sampling_ratio: int >= 0, samples per bin per axis; 0 = adaptive,
+            ``ceil(roi_size / pooled)`` capped at 64.
+        gamma: float, the offset scale.
+        mask: (R, 1, ph, pw) array (the modulated pack's sigmoid mask) or None.
+
+    Returns:
+        (R, C, ph, pw) array of the input's library, dtype and device.
+
+    With no offset and no mask this is ``torchvision.ops.roi_align(...,
+    aligned=True)``. A RoI with a non-finite coordinate, and a bin with a
+    non-finite offset or mask, pools to 0.
+
+    Example:
+        >>> x = numpy.array([[[[1., 2.], [3., 4.]]]])
+        >>> cupydcn.deform_roi_pool(x, numpy.array([[0., 0, 0, 1, 1]]), output_size=2,
+        ...                         sampling_ratio=2)[0, 0]
+        array([[1.  , 1.25],
+               [1.5 , 1.75]])
+    """
+    call = _arrays.Call(input=input, rois=rois, offset=offset, mask=mask)
+    geo = _validation.check_deform_roi_pool(call.input, call.rois, call.offset, output_size,
+                                            spatial_scale, sampling_ratio, gamma, call.mask)
+    with call.device():
+        if call.on_gpu or not geo.R * geo.C:
+            out = roi_pool_forward(_backend(call), geo, call.input, call.rois, call.offset,
+                                   call.mask)
+        else:
+            out = reference.deform_roi_pool(call.input, call.rois, call.offset,
+                                            (geo.ph, geo.pw), geo.spatial_scale,
+                                            geo.sampling_ratio, geo.gamma, call.mask)
+            out = out.astype(geo.dtype.dtype)
+    return call.wrap(out)
+
+
+def deform_roi_pool_backward(grad_output, input, rois, offset=None, output_size=7,
+                             spatial_scale=1.0, sampling_ratio=0, gamma=0.1, mask=None,
+                             wrt=ROI_GRADIENTS):
+    """Gradients of :func:`deform_roi_pool` (none for ``rois``).
+
+    grad input: each sample scatters ``grad * mask / count * corner weight``.
+    grad offset: the exact derivative of the forward, per sample after its
+    clamps (0 along an axis where the sample was clamped from below 0 or onto
+    the last row/column), times ``gamma*roi_w`` (channel 0) or ``gamma*roi_h``
+    (channel 1); mmcv evaluates it at the unclamped position instead, which
+    differs only in those clamped bands. grad mask: ``sum_c grad * pooled``.
+
+    Args:
+        grad_output: (R, C, ph, pw) array, the gradient of the output.
+        input, rois, offset, output_size, spatial_scale, sampling_ratio, gamma,
+            mask: as for :func:`deform_roi_pool`.
+        wrt: the gradients to compute, a subset of ``("input", "offset", "mask")``
+            (offset and mask only when given).
+
+    Returns:
+        DeformRoIPoolGrads(input (N, C, H, W), offset (R, 2, ph, pw),
+        mask (R, 1, ph, pw)), each None where not computed.
+
+    Example:
+        >>> grads = cupydcn.deform_roi_pool_backward(g, x, rois, offset, output_size=7)
+    """
+    wrt = _check_wrt(wrt, ROI_GRADIENTS, offset=offset, mask=mask)
+    call = _arrays.Call(input=input, grad_output=grad_output, rois=rois, offset=offset,
+                        mask=mask)
+    geo = _validation.check_deform_roi_pool(call.input, call.rois, call.offset, output_size,
+                                            spatial_scale, sampling_ratio, gamma, call.mask,
+                                            grad_output=call.grad_output)
+    with call.device():
+        if call.on_gpu or not geo.R * geo.C:
+            grads = roi_pool_backward(_backend(call), geo, call.grad_output, call.input,
+                                      call.rois, call.offset, call.mask, wrt)
+        else:
+            full = reference.deform_roi_pool_backward(
+                call.grad_output, call.input, call.rois, call.offset, (geo.ph, geo.pw),
+                geo.spatial_scale, geo.sampling_ratio, geo.gamma, call.mask)
+            grads = DeformRoIPoolGrads(*(
+                g.astype(geo.dtype.dtype) if name in wrt and g is not None else None
+                for name, g in zip(ROI_GRADIENTS, full)))
+    return call.wrap(grads)
+
+
+def deform_psroi_pool(input, rois, trans=None, spatial_scale=1.0, output_dim=None,
+                      group_size=1, pooled_size=7, part_size=0, sample_per_part=4,
+                      trans_std=0.0, return_count=False):
+    """Deformable position-sensitive RoI pooling (the official DCN operator,
+    ``DeformablePSROIPooling``, R-FCN head).
+
+    ``out[r, c, py, px] = mean over the counted samples of bilinear(input[b,
+    (c*G + gy)*G + gx], bin start + trans_std*trans[r, cls(c), part(py, px)]*roi_size
+    + i*sub_bin)`` (SEMANTICS.md s. 3; Dai et al., "Deformable Convolutional
+    Networks", 2017). RoI bounds are rounded (C's round), samples outside
+    ``[-0.5, W-0.5] x [-0.5, H-0.5]`` are not counted, 0 when none is.
+
+    Args:
+        input: (N, output_dim*group_size**2, H, W) array.
+        rois: (R, 5) array of the input's dtype, ``[batch_index, x1, y1, x2, y2]``.
+        trans: (R, 2*num_classes, part, part) array (x at channel ``2*cls``, y at
+            ``2*cls + 1``; num_classes must divide output_dim) or None (no_trans).
+        spatial_scale: float > 0.
+        output_dim: int, or None for ``input.shape[1] // group_size**2``.
+        group_size: int >= 1, the position-sensitive grid G.
+        pooled_size: int >= 1, the output is pooled_size x pooled_size.
+        part_size: int >= 0, the trans grid (0 means pooled_size).
+        sample_per_part: int >= 1, samples per bin per axis.
+        trans_std: float, the trans scale.
+        return_count: also return the samples counted per output element.
+
+    Returns:
+        (R, output_dim, pooled_size, pooled_size) array, and with
+        ``return_count`` a pair (output, count), count of that shape in the
+        accumulation dtype (float32 for float16/bfloat16 inputs, else the
+        input's): what :func:`deform_psroi_pool_backward` takes.
+
+    Example:
+        >>> out = cupydcn.deform_psroi_pool(x, rois, trans, spatial_scale=1/16,
+        ...                                 group_size=7, pooled_size=7, trans_std=0.1)
+    """
+    call = _arrays.Call(input=input, rois=rois, trans=trans)
+    geo = _validation.check_deform_psroi_pool(call.input, call.rois, call.trans, spatial_scale,
+                                              output_dim, group_size, pooled_size, part_size,
+                                              sample_per_part, trans_std)
+    with call.device():
+        if call.on_gpu or not geo.R * geo.output_dim:
+            out, count = psroi_pool_forward(_backend(call), geo, call.input, call.rois,
+                                            call.trans)
+        else:
+            out, count = reference.deform_psroi_pool(call.input, call.rois, call.trans,
+                                                     **_psroi_keywords(geo))
+            out, count = out.astype(geo.dtype.dtype), count.astype(geo.dtype.acc)
+    if return_count:
+        return call.wrap(out), call.wrap(count)
+    return call.wrap(out)
+
+
+def deform_psroi_pool_backward(grad_output, input, rois, trans=None, count=None,
+                               spatial_scale=1.0, output_dim=None, group_size=1,
+                               pooled_size=7, part_size=0, sample_per_part=4, trans_std=0.0,
+                               wrt=PSROI_GRADIENTS):
+    """Gradients of :func:`deform_psroi_pool` (the official backward; none for rois).
+
+    grad input: each counted sample scatters ``grad / count * corner weight``.
+    grad trans: at the clamped sample position with the floor/ceil corners,
+    ``d/dx = (1-dist_y)*(U[y0,x1] - U[y0,x0]) + dist_y*(U[y1,x1] - U[y1,x0])``
+    (likewise y), times ``trans_std*roi_w`` (``roi_h``) times ``grad / count``,
+    summed into the bin's class and part cell.
+
+    Args:
+        grad_output: (R, output_dim, pooled_size, pooled_size) array.
+        input, rois, trans and the keywords: as for :func:`deform_psroi_pool`.
+        count: the forward's count (``return_count=True``), or None to
+            recompute it (the NumPy path always recomputes it).
+        wrt: a subset of ``("input", "trans")`` (trans only when given).
+
+    Returns:
+        DeformPSRoIPoolGrads(input (N, C, H, W), trans (R, 2*num_classes, part, part)),
+        each None where not computed.
+
+    Example:
+        >>> out, count = cupydcn.deform_psroi_pool(x, rois, trans, return_count=True)
+        >>> grads = cupydcn.deform_psroi_pool_backward(g, x, rois, trans, count)
+    """
+    wrt = _check_wrt(wrt, PSROI_GRADIENTS, trans=trans)
+    call = _arrays.Call(input=input, grad_output=grad_output, rois=rois, trans=trans,
+                        count=count)
+    geo = _validation.check_deform_psroi_pool(call.input, call.rois, call.trans, spatial_scale,
+                                              output_dim, group_size, pooled_size, part_size,
+                                              sample_per_part, trans_std,
+                                              grad_output=call.grad_output, count=call.count)
+    with call.device():
+        if call.on_gpu or not geo.R * geo.output_dim:
+            grads = psroi_pool_backward(_backend(call), geo, call.grad_output, call.input,
+                                        call.rois, call.trans, call.count, wrt)
+        else:
+            full = reference.deform_psroi_pool_backward(call.grad_output, call.input, call.rois,
+                                                        call.trans, **_psroi_keywords(geo))
+            grads = DeformPSRoIPoolGrads(*(
+                g.astype(geo.dtype.dtype) if name in wrt and g is not None else None
+                for name, g in zip(PSROI_GRADIENTS, full)))
+    return call.wrap(grads)
+
+
+class _NoWork:
+    """The backend of a NumPy call with nothing to pool (no RoI or no channel):
+    the kernel paths then only allocate their (empty or zero) results."""
+
+    xp = numpy
+
+    @staticmethod
+    def launch(file, kernel, dtype, bits, n, args):
+        if n:
+            raise AssertionError(f"{kernel}: {n} work items on the no-work backend")
+
+
+def _backend(call):
+    return _kernels.cupy_backend() if call.on_gpu else _NoWork
+
+
+def _psroi_keywords(geo):
+    return dict(spatial_scale=geo.spatial_scale, output_dim=geo.output_dim,
+                group_size=geo.group_size, pooled_size=geo.pooled_size,
+                part_size=geo.part_size, sample_per_part=geo.sample_per_part,
+                trans_std=geo.trans_std)
+
+
+def _check_wrt(wrt, names, **optional):
+    """``wrt`` as a frozenset of ``names``, less the optional arrays not given."""
+    if isinstance(wrt, str):
+        wrt = (wrt,)
+    wrt = frozenset(wrt)
+    unknown = wrt - set(names)
+    if unknown:
+        raise ValueError(f"wrt must name gradients among {names}, got {sorted(unknown)}")
+    return wrt - {name for name, array in optional.items() if array is None}
+
+
+def _contiguous(xp, *arrays):
+    return [None if a is None else xp.ascontiguousarray(a) for a in arrays]
+
+
+# ---- deform_roi_pool kernel paths ----------------------------------------
+
+
+def _roi_bits(geo):
+    return _dtypes.index_bits(geo.N * geo.C * geo.H * geo.W, geo.R * geo.C * geo.ph * geo.pw,
+                              geo.R * 5, geo.R * 2 * geo.ph * geo.pw, geo.sampling_ratio)
+
+
+def _roi_args(geo):
+    return [geo.N, geo.C, geo.H, geo.W, geo.R, geo.ph, geo.pw, geo.sampling_ratio,
+            float(geo.spatial_scale), float(geo.gamma)]
+
+
+def roi_pool_forward(backend, geo, input, rois, offset=None, mask=None):
+    """The kernel path of deform_roi_pool on ``backend`` (validated arguments)."""
+    xp = backend.xp
+    out = _config.empty(xp, (geo.R, geo.C, geo.ph, geo.pw), geo.dtype.dtype)
+    if out.size == 0:
+        return out
+    input, rois, offset, mask = _contiguous(xp, input, rois, offset, mask)
+    backend.launch(_ROI, "deform_roi_pool_forward", geo.dtype, _roi_bits(geo), out.size,
+                   [input, rois, offset, mask, out, *_roi_args(geo)])
+    return out
+
+
+def roi_pool_backward(backend, geo, grad_output, input, rois, offset=None, mask=None,
+                      wrt=ROI_GRADIENTS):
+    """The kernel path of deform_roi_pool_backward; ``wrt`` names ROI_GRADIENTS
+    (offset and mask are computed only when given)."""
+    xp = backend.xp
+    dtype, acc = geo.dtype.dtype, geo.dtype.acc
+    grad_input = xp.zeros(input.shape, acc) if "input" in wrt else None
+    grad_offset = (_config.empty(xp, offset.shape, dtype)
+                   if "offset" in wrt and offset is not None else None)
+    grad_mask = (_config.empty(xp, mask.shape, dtype)
+                 if "mask" in wrt and mask is not None else None)
+    if geo.R * geo.C * geo.ph * geo.pw:
+        grad_output, input, rois, offset, mask = _contiguous(xp, grad_output, input, rois,
+                                                             offset, mask)
+        bits, args = _roi_bits(geo), _roi_args(geo)
+        if grad_input is not None:
+            backend.launch(_ROI, "deform_roi_pool_backward_input", geo.dtype, bits,
+                           grad_output.size, [grad_output, rois, offset, mask, grad_input, *args])
+        if grad_offset is not None or grad_mask is not None:
+            backend.launch(_ROI, "deform_roi_pool_backward_offset", geo.dtype, bits,
+                           geo.R * geo.ph * geo.pw,
+                           [grad_output, input, rois, offset, mask, grad_offset, grad_mask,
+                            *args])
+    else:  # no RoI or no channel: nothing to pool, every gradient is 0
+        for g in (grad_offset, grad_mask):
+            if g is not None:
+                g.fill(0)
+    if grad_input is not None:
+        grad_input = grad_input.astype(dtype, copy=False)
+    return DeformRoIPoolGrads(grad_input, grad_offset, grad_mask)
+
+
+# ---- deform_psroi_pool kernel paths --------------------------------------
+
+
+def _psroi_bits(geo):
+    P = geo.pooled_size
+    return _dtypes.index_bits(geo.N * geo.C * geo.H * geo.W, geo.R * geo.output_dim * P * P,
+                              geo.R * 5, geo.R * 2 * geo.num_classes * geo.part_size**2,
+                              geo.sample_per_part, P * max(geo.part_size, geo.group_size))
+
+
+def _psroi_args(geo):
+    return [geo.N, geo.C, geo.H, geo.W, geo.R, geo.output_dim, geo.group_size, geo.pooled_size,
+            geo.part_size, geo.sample_per_part, geo.num_classes, float(geo.spatial_scale),
+            float(geo.trans_std)]
+
+
+def psroi_pool_forward(backend, geo, input, rois, trans=None):
+    """The kernel path of deform_psroi_pool: (output, count), count in the
+    accumulation dtype."""
+    xp = backend.xp
+    shape = (geo.R, geo.output_dim, geo.pooled_size, geo.pooled_size)
+    out = _config.empty(xp, shape, geo.dtype.dtype)
+    count = _config.empty(xp, shape, geo.dtype.acc)
+    if out.size == 0:
+        return out, count
+    input, rois, trans = _contiguous(xp, input, rois, trans)
+    backend.launch(_PSROI, "deform_psroi_pool_forward", geo.dtype, _psroi_bits(geo), out.size,
+                   [input, rois, trans, out, count, *_psroi_args(geo)])
+    return out, count
+
+
+def psroi_pool_backward(backend, geo, grad_output, input, rois, trans=None, count=None,
+                        wrt=PSROI_GRADIENTS):
+    """The kernel path of deform_psroi_pool_backward; ``count`` None recomputes
+    it with the forward kernel."""
+    xp = backend.xp
+    dtype, acc = geo.dtype.dtype, geo.dtype.acc
+    grad_input = xp.zeros(input.shape, acc) if "input" in wrt else None
+    grad_trans = (xp.zeros(trans.shape, acc)
+                  if "trans" in wrt and trans is not None else None)
+    n = geo.R * geo.output_dim * geo.pooled_size**2
+    if n and (grad_input is not None or grad_trans is not None):
+        if count is None:
+            count = psroi_pool_forward(backend, geo, input, rois, trans)[1]
+        grad_output, input, rois, trans = _contiguous(xp, grad_output, input, rois, trans)
+        count = xp.ascontiguousarray(count.astype(acc, copy=False))
+        bits, args = _psroi_bits(geo), _psroi_args(geo)
+        if grad_input is not None:
+            backend.launch(_PSROI, "deform_psroi_pool_backward_input", geo.dtype, bits, n,
+                           [grad_output, rois, trans, count, grad_input, *args])
+        if grad_trans is not None:
+            backend.launch(_PSROI, "deform_psroi_pool_backward_trans", geo.dtype, bits,
+                           geo.R * geo.num_classes * geo.pooled_size**2,
+                           [grad_output, input, rois, trans, count, grad_trans, *args])
+    if grad_input is not None:
+        grad_input = grad_input.astype(dtype, copy=False)
+    if grad_trans is not None:
+        grad_trans = grad_trans.astype(dtype, copy=False)
+    return DeformPSRoIPoolGrads(grad_input, grad_trans)
