@@ -207,7 +207,7 @@ def deform_conv2d(input, offset, weight, bias=None, stride=(1, 1), padding=(0, 0
     input, offset, weight, bias, mask = map(_f64, (input, offset, weight, bias, mask))
     geo = _conv_geometry(input, offset, weight, stride, padding, dilation)
     out = np.zeros((geo.batch, geo.out_channels, geo.out_h, geo.out_w))
-    w_groups = weight.reshape(geo.groups, geo.out_channels // geo.groups, -1)
+    w_groups = weight.reshape(geo.groups, geo.out_channels // geo.groups, int(np.prod(weight.shape[1:])))
     for b in range(geo.batch):
         cols = _conv_columns(*_conv_image(input, offset, mask, b, geo))
         # (C, kh*kw, Ho*Wo) -> (groups, C/groups*kh*kw, Ho*Wo), rows ordered as weight's.
@@ -263,7 +263,7 @@ def deform_conv2d_backward(grad_output, input, offset, weight, bias=None, stride
         _f64, (grad_output, input, offset, weight, bias, mask))
     geo = _conv_geometry(input, offset, weight, stride, padding, dilation)
     dg, hw = geo.offset_groups, geo.height * geo.width
-    w_groups = weight.reshape(geo.groups, geo.out_channels // geo.groups, -1)
+    w_groups = weight.reshape(geo.groups, geo.out_channels // geo.groups, int(np.prod(weight.shape[1:])))
     grad_input = np.zeros(input.shape)
     grad_offset = np.zeros((geo.batch, dg, geo.taps, 2, geo.out_h, geo.out_w))
     grad_weight = np.zeros(w_groups.shape)
@@ -490,7 +490,7 @@ def deform_roi_pool(input, rois, offset=None, output_size=(7, 7), spatial_scale=
                          spatial_scale, sampling_ratio, gamma)
         if plan is None:
             continue
-        pooled = input[plan.batch].reshape(c, -1)[:, plan.pixels] @ plan.weight.T / plan.count
+        pooled = input[plan.batch].reshape(c, h * w)[:, plan.pixels] @ plan.weight.T / plan.count
         if mask is not None:
             pooled = pooled * np.where(plan.bin_ok, mask[r, 0].reshape(-1), 0.0)
         out[r] = np.where(plan.bin_ok, pooled, 0.0)
@@ -547,8 +547,8 @@ def deform_roi_pool_backward(grad_output, input, rois, offset=None, output_size=
                          spatial_scale, sampling_ratio, gamma)
         if plan is None:
             continue
-        go = np.where(plan.bin_ok, grad_output[r].reshape(c, -1), 0.0)
-        img = input[plan.batch].reshape(c, -1)[:, plan.pixels]
+        go = np.where(plan.bin_ok, grad_output[r].reshape(c, ph * pw), 0.0)
+        img = input[plan.batch].reshape(c, h * w)[:, plan.pixels]
         if mask is not None:
             m = np.where(plan.bin_ok, mask[r, 0].reshape(-1), 0.0)
             pooled = img @ plan.weight.T / plan.count

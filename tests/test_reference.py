@@ -812,3 +812,20 @@ def test_psroi_no_rois_and_low_precision():
     assert out.dtype == np.float64
     np.testing.assert_array_equal(out, ref.deform_psroi_pool(
         *[a.astype(np.float64) for a in low], **kw)[0])
+
+
+def test_empty_channel_counts():
+    """Cout = 0 and C = 0 give empty or zero results, not errors."""
+    rng = np.random.default_rng(31)
+    x = rng.standard_normal((2, 4, 5, 5))
+    offset = rng.standard_normal((2, 18, 5, 5))
+    weight = np.zeros((0, 4, 3, 3))
+    assert ref.deform_conv2d(x, offset, weight, padding=(1, 1)).shape == (2, 0, 5, 5)
+    g_in, g_off, g_w, _, _ = ref.deform_conv2d_backward(np.zeros((2, 0, 5, 5)), x, offset, weight,
+                                                         padding=(1, 1))
+    assert g_in.shape == x.shape and g_off.shape == offset.shape and g_w.shape == weight.shape
+    assert not g_in.any() and not g_off.any()
+    feat, rois = np.zeros((1, 0, 4, 4)), np.array([[0.0, 0.0, 0.0, 2.0, 2.0]])
+    assert ref.deform_roi_pool(feat, rois, output_size=(2, 2)).shape == (1, 0, 2, 2)
+    g_in, _, _ = ref.deform_roi_pool_backward(np.zeros((1, 0, 2, 2)), feat, rois, output_size=(2, 2))
+    assert g_in.shape == feat.shape
