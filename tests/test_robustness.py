@@ -10,7 +10,7 @@ import os
 import pathlib
 import subprocess
 import sys
-import textwrap
+import shutil
 import threading
 
 import numpy
@@ -35,37 +35,7 @@ def _libasan():
     return path if os.path.isabs(path) and os.path.exists(path) else None
 
 
-ASAN_SCRIPT = textwrap.dedent("""
-    import sys
-    import numpy
-    from cupydcn import _deform_conv, _kernels, _validation
-
-    mutated = sys.argv[1] == "mutated"
-    sources = {}
-    if mutated:  # one element past the columns buffer: must be caught
-        text = _kernels.source("deform_conv")
-        sources["deform_conv"] = text.replace("col[k * ncols] = v;", "col[k * ncols + 1] = v;")
-        assert sources["deform_conv"] != text
-    backend = _kernels.HostBackend(sources=sources,
-                                   flags=("-fsanitize=address", "-fno-omit-frame-pointer"))
-    rng = numpy.random.default_rng(0)
-    x = rng.standard_normal((2, 4, 6, 7))
-    w = rng.standard_normal((6, 2, 3, 3))
-    offset = rng.uniform(-2, 2, (2, 2 * 2 * 9, 6, 7))
-    for value, step in ((numpy.nan, 5), (numpy.inf, 7), (-numpy.inf, 11), (1e30, 13),
-                        (-1e30, 17), (3e9, 19), (-3e9, 23)):
-        offset.flat[step // 2::step] = value
-    mask = rng.uniform(0, 1, (2, 2 * 9, 6, 7))
-    mask.flat[::29] = numpy.nan
-    grad = rng.standard_normal((2, 6, 6, 7))
-    geo = _validation.check_deform_conv2d(x, offset, w, None, 1, 1, 1, mask)
-    out = _deform_conv.forward(backend, geo, x, offset, w, None, mask)
-    for deterministic in (False, True):
-        grads = _deform_conv.backward(backend, geo, grad, x, offset, w, mask,
-                                      frozenset({"input", "offset", "weight", "mask"}),
-                                      deterministic)
-    print("clean", out.shape)
-""")
+BAD_VALUES = str(ROOT / "tests" / "bad_values.py")
 
 
 @pytest.fixture(scope="module")
@@ -78,17 +48,35 @@ def asan_env(tmp_path_factory):
 
 
 def test_bad_values_never_touch_memory_out_of_bounds(asan_env):
-    result = subprocess.run([sys.executable, "-c", ASAN_SCRIPT, "clean"], env=asan_env,
+    """Every op, forward and backward, on NaN/inf/huge coordinates and bad batch
+    indices, with the kernels built with AddressSanitizer: no error."""
+    result = subprocess.run([sys.executable, BAD_VALUES, "host"], env=asan_env,
                             capture_output=True, text=True, cwd=ROOT)
     assert result.returncode == 0 and "clean" in result.stdout, result.stderr[-3000:]
     assert "AddressSanitizer" not in result.stderr
 
 
 def test_address_sanitizer_catches_an_out_of_bounds_write(asan_env):
-    result = subprocess.run([sys.executable, "-c", ASAN_SCRIPT, "mutated"], env=asan_env,
+    result = subprocess.run([sys.executable, BAD_VALUES, "host", "mutated"], env=asan_env,
                             capture_output=True, text=True, cwd=ROOT)
     assert result.returncode != 0
     assert "heap-buffer-overflow" in result.stderr
+
+
+@pytest.mark.gpu
+def test_gpu_bad_values_pass_compute_sanitizer_memcheck(tmp_path):
+    """The same workload on the GPU under compute-sanitizer: zero errors."""
+    sanitizer = shutil.which("compute-sanitizer")
+    if sanitizer is None:
+        pytest.skip("compute-sanitizer (CUDA toolkit) is not on the PATH")
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    result = subprocess.run([sanitizer, "--tool", "memcheck", "--error-exitcode", "99",
+                             sys.executable, BAD_VALUES, "cupy"], env=env, capture_output=True,
+                            text=True, cwd=ROOT)
+    report = result.stdout + result.stderr
+    (tmp_path / "memcheck.log").write_text(report)
+    assert result.returncode == 0 and "clean" in result.stdout, report[-3000:]
+    assert "ERROR SUMMARY: 0 errors" in report, report[-3000:]
 
 
 def test_non_finite_positions_count_as_outside(host):
