@@ -14,7 +14,7 @@ import sys
 
 import numpy
 
-from cupydcn import _deform_conv, _dtypes, _kernels, _validation, reference
+from cupydcn import _deform_conv, _dtypes, _kernels, _roi_pool, _validation, reference
 
 def environment():
     """(lines describing the machine, the backend to run on or None, why)."""
@@ -98,7 +98,66 @@ def _conv_case(backend, dtype):
     return results
 
 
-CASES = [_conv_case]
+def _roi_inputs(backend, dtype, rng):
+    feat = rng.standard_normal((2, 8, 17, 19))
+    corners = numpy.sort(rng.uniform(-2, 20, (6, 2, 2)), axis=1)
+    rois = numpy.column_stack([rng.integers(0, 2, 6), corners[:, 0, 0], corners[:, 0, 1],
+                               corners[:, 1, 0], corners[:, 1, 1]])
+    exact = {"feat": feat.astype(dtype).astype(numpy.float64),
+             "rois": rois.astype(dtype).astype(numpy.float64)}
+    dev = {"feat": backend.xp.asarray(feat.astype(dtype)),
+           "rois": backend.xp.asarray(rois.astype(dtype))}
+    return exact, dev
+
+
+def _roi_case(backend, dtype):
+    """Modulated deformable RoI pooling (3x3 bins, adaptive sampling)."""
+    rng = numpy.random.default_rng(8)
+    exact, dev = _roi_inputs(backend, dtype, rng)
+    for name, shape, low, high in (("offset", (6, 2, 3, 3), -0.5, 0.5),
+                                   ("mask", (6, 1, 3, 3), 0, 1), ("grad", (6, 8, 3, 3), -1, 1)):
+        value = rng.uniform(low, high, shape).astype(dtype)
+        exact[name], dev[name] = value.astype(numpy.float64), backend.xp.asarray(value)
+    params = dict(output_size=(3, 3), spatial_scale=0.5, sampling_ratio=0, gamma=0.1)
+    geo = _validation.check_deform_roi_pool(dev["feat"], dev["rois"], dev["offset"],
+                                            mask=dev["mask"], **params)
+    out = _roi_pool.roi_pool_forward(backend, geo, dev["feat"], dev["rois"], dev["offset"],
+                                     dev["mask"])
+    grads = _roi_pool.roi_pool_backward(backend, geo, dev["grad"], dev["feat"], dev["rois"],
+                                        dev["offset"], dev["mask"])
+    ref_out = reference.deform_roi_pool(exact["feat"], exact["rois"], exact["offset"],
+                                        mask=exact["mask"], **params)
+    ref_grads = reference.deform_roi_pool_backward(exact["grad"], exact["feat"], exact["rois"],
+                                                   exact["offset"], mask=exact["mask"], **params)
+    results = [("deform_roi_pool forward", _rel(out, ref_out))]
+    for name, got, ref in zip(_roi_pool.ROI_GRADIENTS, grads, ref_grads):
+        results.append((f"deform_roi_pool grad_{name}", _rel(got, ref)))
+    return results
+
+
+def _psroi_case(backend, dtype):
+    """Deformable PS RoI pooling, 2 classes, 3x3 bins, 2x2 parts."""
+    rng = numpy.random.default_rng(9)
+    exact, dev = _roi_inputs(backend, dtype, rng)
+    for name, shape in (("trans", (6, 4, 2, 2)), ("grad", (6, 2, 3, 3))):
+        value = rng.uniform(-1, 1, shape).astype(dtype)
+        exact[name], dev[name] = value.astype(numpy.float64), backend.xp.asarray(value)
+    params = dict(spatial_scale=0.5, output_dim=2, group_size=2, pooled_size=3, part_size=2,
+                  sample_per_part=2, trans_std=0.1)
+    geo = _validation.check_deform_psroi_pool(dev["feat"], dev["rois"], dev["trans"], **params)
+    out, count = _roi_pool.psroi_pool_forward(backend, geo, dev["feat"], dev["rois"], dev["trans"])
+    grads = _roi_pool.psroi_pool_backward(backend, geo, dev["grad"], dev["feat"], dev["rois"],
+                                          dev["trans"], count)
+    ref_out, _ = reference.deform_psroi_pool(exact["feat"], exact["rois"], exact["trans"], **params)
+    ref_grads = reference.deform_psroi_pool_backward(exact["grad"], exact["feat"], exact["rois"],
+                                                     exact["trans"], **params)
+    results = [("deform_psroi_pool forward", _rel(out, ref_out))]
+    for name, got, ref in zip(_roi_pool.PSROI_GRADIENTS, grads, ref_grads):
+        results.append((f"deform_psroi_pool grad_{name}", _rel(got, ref)))
+    return results
+
+
+CASES = [_conv_case, _roi_case, _psroi_case]
 
 
 def main(argv=None):
