@@ -344,6 +344,9 @@ def build_parser():
     parser.add_argument("--sets", type=_positive,
                         help="distinct input sets rotated between calls (default: enough to "
                              f"cover twice the L2 cache, 2 to {MAX_SETS})")
+    parser.add_argument("--deterministic", action="store_true",
+                        help="time cupydcn's deterministic conv backward (no floating-point "
+                             "atomics) instead of the default one: its cost")
     parser.add_argument("--no-torch", action="store_true",
                         help="time cupydcn alone even where torch is installed")
     parser.add_argument("--json", metavar="PATH", help="write every result as JSON")
@@ -368,6 +371,7 @@ class Options(NamedTuple):
     plot: object
     list: bool
     quick: bool
+    deterministic: bool = False
 
 
 def parse_args(argv):
@@ -385,7 +389,7 @@ def parse_args(argv):
     reps = ns.reps or (QUICK_REPS if ns.quick else DEFAULT_REPS)
     warmup = ns.warmup if ns.warmup is not None else (QUICK_WARMUP if ns.quick else DEFAULT_WARMUP)
     return Options(cases, dtypes, ns.tf32, reps, warmup, ns.sets, not ns.no_torch, ns.json,
-                   ns.csv, ns.plot, ns.list, ns.quick)
+                   ns.csv, ns.plot, ns.list, ns.quick, ns.deterministic)
 
 
 # ---------------------------------------------------------------------------
@@ -815,6 +819,7 @@ class _Op:
 
 class CupydcnConv(_Op):
     column, label, library, reference = "cupydcn", "cupydcn.deform_conv2d", "cupy", "deform"
+    deterministic = False  # the deterministic backward (bench --deterministic)
 
     def prepare(self, host):
         return {k: None if v is None else self.platform.to_device(v) for k, v in host.items()}
@@ -832,7 +837,8 @@ class CupydcnConv(_Op):
         c = self.case
         return cupydcn.deform_conv2d_backward(d["grad_output"], d["input"], d["offset"],
                                               d["weight"], d["bias"], c.stride, c.padding,
-                                              c.dilation, mask=d["mask"])
+                                              c.dilation, mask=d["mask"],
+                                              deterministic=self.deterministic)
 
     def run(self, which, i):
         d = self.sets[i]
@@ -1003,8 +1009,9 @@ def reference_results(key, case, host, baselines, platform):
     return found
 
 
-def make_ops(case, dtype, platform, baselines):
+def make_ops(case, dtype, platform, baselines, deterministic=False):
     ops = [(CupydcnConv if case.kind == "conv" else CupydcnRoI)(platform, case, dtype)]
+    ops[0].deterministic = deterministic
     if baselines.ops is not None:
         cls = TorchvisionConv if case.kind == "conv" else TorchvisionRoIAlign
         ops.append(cls(platform, case, dtype, baselines.torch, baselines.ops))
@@ -1106,7 +1113,7 @@ def bench_case(case, dtype, options, platform, baselines, clock, progress, say):
     first = make_inputs(case, dtype, seed=1)
     n_sets = choose_sets(first, platform.l2_bytes, options.sets)
     host_sets = [first] + [make_inputs(case, dtype, seed=1 + k) for k in range(1, n_sets)]
-    ops = make_ops(case, dtype, platform, baselines)
+    ops = make_ops(case, dtype, platform, baselines, options.deterministic)
     sliced = case.kind == "roi" or baselines.ops is None
     check = check_slice(case, first, sliced)
 
@@ -1176,7 +1183,8 @@ def bench_case(case, dtype, options, platform, baselines, clock, progress, say):
     flop = case.gemm_flop()
     for which in PASSES:
         row = {"case": case.name, "spec": case.spec(), "dtype": dtype.name, "pass": which,
-               "tf32": bool(options.tf32), "sets": n_sets, "warmup": options.warmup,
+               "tf32": bool(options.tf32), "deterministic": bool(options.deterministic),
+               "sets": n_sets, "warmup": options.warmup,
                "gemm_gflop": None if flop is None else flop * (1, 2, 3)[PASSES.index(which)] / 1e9}
         for column in LIBRARIES:
             o = outcome.get(column)

@@ -504,3 +504,14 @@ def test_gpu_smoke_run(tmp_path):
     for row in document["results"]:
         assert row["cupydcn"]["status"] == "ok"
         assert row["cupydcn"]["median_ms"] > 0 and row["cupydcn"]["peak_bytes"] > 0
+
+
+def test_deterministic_flag_reaches_the_cupydcn_backward():
+    from cupydcn import _bench
+
+    options = _bench.parse_args(["--quick", "--deterministic"])
+    assert options.deterministic
+    assert not _bench.parse_args(["--quick"]).deterministic
+    case = options.cases[0]
+    ops = _bench.make_ops(case, options.dtypes[0], None, _bench.Baselines(None, None, (), {}), True)
+    assert ops[0].deterministic is True
