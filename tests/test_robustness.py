@@ -285,3 +285,84 @@ def test_host_kernels_agree_with_reference_on_random_cases(host, case, seed, det
     for name in _deform_conv.GRADIENTS:
         if getattr(ref_grads, name) is not None:
             assert_close(getattr(grads, name), getattr(ref_grads, name), numpy.float64, name)
+
+
+# ---------------------------------------------------------------- GPU: concurrency, recovery
+
+@pytest.mark.gpu
+def test_gpu_threads_on_their_own_streams(gpu):
+    """Eight threads, each on its own non-blocking stream, at once."""
+    import cupy
+
+    cases = [make_case(CASES[i % 3], numpy.float32, seed=i) for i in range(8)]
+    expected = [reference_results(exact, params) for _, exact, params in cases]
+    results, errors = [None] * len(cases), []
+
+    def work(i):
+        try:
+            typed, _, params = cases[i]
+            stream = cupy.cuda.Stream(non_blocking=True)
+            with stream:
+                dev = {k: None if v is None else cupy.asarray(v) for k, v in typed.items()}
+                out = cupydcn.deform_conv2d(dev["input"], dev["offset"], dev["weight"],
+                                            dev["bias"], mask=dev["mask"], **params)
+                grads = cupydcn.deform_conv2d_backward(
+                    dev["grad_output"], dev["input"], dev["offset"], dev["weight"], dev["bias"],
+                    mask=dev["mask"], **params)
+                results[i] = (out.get(stream=stream), grads.input.get(stream=stream),
+                              grads.offset.get(stream=stream))
+            stream.synchronize()
+        except Exception as error:  # reported below
+            errors.append(error)
+
+    threads = [threading.Thread(target=work, args=(i,)) for i in range(len(cases))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors, errors
+    for (out, grad_input, grad_offset), (ref_out, ref_grads) in zip(results, expected):
+        assert_close(out, ref_out, numpy.float32, "forward")
+        assert_close(grad_input, ref_grads.input, numpy.float32, "grad_input")
+        assert_close(grad_offset, ref_grads.offset, numpy.float32, "grad_offset")
+
+
+@pytest.mark.gpu
+def test_gpu_out_of_memory_then_a_valid_call_works(gpu):
+    """A call that cannot get its memory fails cleanly; the next one works."""
+    import cupy
+
+    def huge(shape):  # a broadcast view: no memory until the op copies it
+        return cupy.lib.stride_tricks.as_strided(cupy.zeros(1, cupy.float32), shape,
+                                                 (0,) * len(shape))
+
+    weight = cupy.ones((1, 4096, 3, 3), cupy.float32)
+    with pytest.raises(cupy.cuda.memory.OutOfMemoryError):
+        cupydcn.deform_conv2d(huge((1, 4096, 4096, 4096)), huge((1, 18, 4096, 4096)), weight,
+                              padding=1)
+    typed, exact, params = make_case(CASES[0], numpy.float32)
+    out = cupydcn.deform_conv2d(*(cupy.asarray(typed[k]) for k in ("input", "offset", "weight")),
+                                cupy.asarray(typed["bias"]), mask=cupy.asarray(typed["mask"]),
+                                **params)
+    assert_close(out, reference_results(exact, params)[0], numpy.float32)
+
+
+@pytest.mark.gpu
+def test_gpu_each_call_stays_on_its_inputs_device(gpu):
+    import cupy
+
+    count = cupy.cuda.runtime.getDeviceCount()
+    if count < 2:
+        pytest.skip(f"needs two GPUs, {count} present; the device selection logic is tested "
+                    "without them by test_device_selection_follows_the_arrays")
+    typed, exact, params = make_case(CASES[0], numpy.float32)
+    with cupy.cuda.Device(1):
+        dev = {k: None if v is None else cupy.asarray(v) for k, v in typed.items()}
+    with cupy.cuda.Device(0):
+        out = cupydcn.deform_conv2d(dev["input"], dev["offset"], dev["weight"], dev["bias"],
+                                    mask=dev["mask"], **params)
+        grads = cupydcn.deform_conv2d_backward(dev["grad_output"], dev["input"], dev["offset"],
+                                               dev["weight"], dev["bias"], mask=dev["mask"],
+                                               **params)
+    assert out.device.id == 1 and grads.input.device.id == 1
+    assert_close(out, reference_results(exact, params)[0], numpy.float32)
