@@ -26,10 +26,11 @@ def dtype_of(x, name):
     try:
         dtype = numpy.dtype(dtype)
     except TypeError:
-        # torch.float32 / tf.float32 and the like: look up by their name
-        text = str(getattr(dtype, "name", dtype)).rsplit(".", 1)[-1]
+        # torch.float32 / tf.float32 and the like: look up by their name, and
+        # name them plainly ("int32", not "<dtype: 'int32'>") when unsupported
+        dtype = str(getattr(dtype, "name", dtype)).rsplit(".", 1)[-1]
         for row in _dtypes.DTYPES.values():
-            if row.name == text:
+            if row.name == dtype:
                 return row
     return _dtypes.lookup(dtype, name)
 
