@@ -119,24 +119,36 @@ template <typename A> __device__ __forceinline__ A dcn_floor(A v);
 template <> __device__ __forceinline__ float dcn_floor<float>(float v) { return floorf(v); }
 template <> __device__ __forceinline__ double dcn_floor<double>(double v) { return floor(v); }
 
+// The four pixels around (y, x) with the convolution's corner rule: a corner
+// outside the image counts as 0 (SEMANTICS.md section 1). v = {I(y0, x0),
+// I(y0, x1), I(y1, x0), I(y1, x1)}; ly, lx the fractional parts. The callers
+// have checked that y and x are finite and inside (-2, H) x (-2, W), so the
+// conversions to integers are in range.
+template <typename T, typename I, typename A>
+__device__ __forceinline__ void dcn_conv_corners(const T* plane, I H, I W, A y, A x, A v[4],
+                                                 A* ly, A* lx) {
+  const A yf = dcn_floor(y), xf = dcn_floor(x);
+  const I y0 = (I)yf, x0 = (I)xf;
+  *ly = y - yf;
+  *lx = x - xf;
+  const bool top = y0 >= 0, bottom = y0 + 1 < H, left = x0 >= 0, right = x0 + 1 < W;
+  v[0] = top && left ? dcn_load(plane[y0 * W + x0]) : (A)0;
+  v[1] = top && right ? dcn_load(plane[y0 * W + x0 + 1]) : (A)0;
+  v[2] = bottom && left ? dcn_load(plane[(y0 + 1) * W + x0]) : (A)0;
+  v[3] = bottom && right ? dcn_load(plane[(y0 + 1) * W + x0 + 1]) : (A)0;
+}
+
 // Bilinear sample of one image plane with the convolution's rule
-// (SEMANTICS.md section 1): zero outside the open box (-1, H) x (-1, W),
-// corners outside the image count as 0. A NaN position fails every
-// comparison, so it counts as outside; the check also bounds y and x before
-// they are converted to integers.
+// (SEMANTICS.md section 1): zero outside the open box (-1, H) x (-1, W). A NaN
+// position fails every comparison, so it counts as outside; the check also
+// bounds y and x before they are converted to integers.
 template <typename T, typename I, typename A>
 __device__ __forceinline__ A dcn_conv_bilinear(const T* plane, I H, I W, A y, A x) {
   if (!(y > (A)-1 && y < (A)H && x > (A)-1 && x < (A)W)) return (A)0;
-  A yf = dcn_floor(y), xf = dcn_floor(x);
-  I y0 = (I)yf, x0 = (I)xf;
-  A ly = y - yf, lx = x - xf, hy = (A)1 - ly, hx = (A)1 - lx;
-  A v00 = 0, v01 = 0, v10 = 0, v11 = 0;
-  bool top = y0 >= 0, bottom = y0 + 1 < H, left = x0 >= 0, right = x0 + 1 < W;
-  if (top && left) v00 = dcn_load(plane[y0 * W + x0]);
-  if (top && right) v01 = dcn_load(plane[y0 * W + x0 + 1]);
-  if (bottom && left) v10 = dcn_load(plane[(y0 + 1) * W + x0]);
-  if (bottom && right) v11 = dcn_load(plane[(y0 + 1) * W + x0 + 1]);
-  return hy * hx * v00 + hy * lx * v01 + ly * hx * v10 + ly * lx * v11;
+  A v[4], ly, lx;
+  dcn_conv_corners(plane, H, W, y, x, v, &ly, &lx);
+  const A hy = (A)1 - ly, hx = (A)1 - lx;
+  return hy * hx * v[0] + hy * lx * v[1] + ly * hx * v[2] + ly * lx * v[3];
 }
 
 // Derivatives of the convolution's bilinear sample with respect to y and x,
@@ -148,17 +160,10 @@ __device__ __forceinline__ void dcn_conv_bilinear_grad(const T* plane, I H, I W,
   *dy = (A)0;
   *dx = (A)0;
   if (!(y >= (A)-1 && y < (A)H && x >= (A)-1 && x < (A)W)) return;
-  A yf = dcn_floor(y), xf = dcn_floor(x);
-  I y0 = (I)yf, x0 = (I)xf;
-  A ly = y - yf, lx = x - xf, hy = (A)1 - ly, hx = (A)1 - lx;
-  A v00 = 0, v01 = 0, v10 = 0, v11 = 0;
-  bool top = y0 >= 0, bottom = y0 + 1 < H, left = x0 >= 0, right = x0 + 1 < W;
-  if (top && left) v00 = dcn_load(plane[y0 * W + x0]);
-  if (top && right) v01 = dcn_load(plane[y0 * W + x0 + 1]);
-  if (bottom && left) v10 = dcn_load(plane[(y0 + 1) * W + x0]);
-  if (bottom && right) v11 = dcn_load(plane[(y0 + 1) * W + x0 + 1]);
-  *dy = hx * (v10 - v00) + lx * (v11 - v01);
-  *dx = hy * (v01 - v00) + ly * (v11 - v10);
+  A v[4], ly, lx;
+  dcn_conv_corners(plane, H, W, y, x, v, &ly, &lx);
+  *dy = ((A)1 - lx) * (v[2] - v[0]) + lx * (v[3] - v[1]);
+  *dx = ((A)1 - ly) * (v[1] - v[0]) + ly * (v[3] - v[2]);
 }
 
 // Grid-stride loop over [0, n): the launch helper picks the grid, kernels

@@ -153,7 +153,7 @@ def test_host_kernels_odd_grid(host):
 def test_a_wrong_kernel_fails(host):
     """The CPU tier catches a kernel bug: swap one bilinear weight."""
     text = _kernels.source("deform_conv")
-    wrong = text.replace("hy * lx * v01", "hy * hx * v01", 1)
+    wrong = text.replace("hy * lx * v[1]", "hy * hx * v[1]", 1)
     assert wrong != text
     typed, exact, params = make_case(CASES[0], numpy.float64)
     ref_out, _ = reference_results(exact, params)
