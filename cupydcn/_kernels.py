@@ -37,9 +37,12 @@ KERNELS = {
     "deform_conv": ("deform_im2col", "deform_col2im", "deform_col2im_coord",
                     "deform_sample_keys", "deform_col2im_gather"),
     "deform_roi_pool": ("deform_roi_pool_forward", "deform_roi_pool_backward_input",
-                        "deform_roi_pool_backward_offset"),
+                        "deform_roi_pool_backward_offset", "deform_roi_pool_sample_count",
+                        "deform_roi_pool_sample_keys", "deform_roi_pool_backward_input_gather"),
     "deform_psroi_pool": ("deform_psroi_pool_forward", "deform_psroi_pool_backward_input",
-                          "deform_psroi_pool_backward_trans"),
+                          "deform_psroi_pool_backward_trans", "deform_psroi_pool_sample_keys",
+                          "deform_psroi_pool_backward_input_gather",
+                          "deform_psroi_pool_backward_trans_gather"),
 }
 
 BLOCK = 256

@@ -6,7 +6,9 @@ numbers; kernels/deform_roi_pool.cu) and :func:`deform_psroi_pool`
 kernels/deform_psroi_pool.cu). The kernel paths (``roi_pool_forward``,
 ``roi_pool_backward``, ``psroi_pool_forward``, ``psroi_pool_backward``) run on
 either backend: CuPy on the GPU, or the host build of the same source in the
-CPU test tier. NumPy inputs take the reference (``cupydcn.reference``).
+CPU test tier. NumPy inputs take the reference (``cupydcn.reference``). Both
+backwards have a ``deterministic`` mode without floating-point atomics (sorted
+samples gathered per input element; see the kernel files' opening paragraphs).
 """
 
 from __future__ import annotations
@@ -91,7 +93,7 @@ def deform_roi_pool(input, rois, offset=None, output_size=7, spatial_scale=1.0,
 
 def deform_roi_pool_backward(grad_output, input, rois, offset=None, output_size=7,
                              spatial_scale=1.0, sampling_ratio=0, gamma=0.1, mask=None,
-                             wrt=ROI_GRADIENTS):
+                             wrt=ROI_GRADIENTS, deterministic=False):
     """Gradients of :func:`deform_roi_pool` (none for ``rois``).
 
     grad input: each sample scatters ``grad * mask / count * corner weight``.
@@ -107,6 +109,16 @@ def deform_roi_pool_backward(grad_output, input, rois, offset=None, output_size=
             mask: as for :func:`deform_roi_pool`.
         wrt: the gradients to compute, a subset of ``("input", "offset", "mask")``
             (offset and mask only when given).
+        deterministic: compute the input gradient without floating-point
+            atomics (the samples sorted by the pixel cell they read, then one
+            gathering thread per input element), so every gradient is
+            bit-identical from run to run (the offset and mask gradients
+            always are); slower than the default scatter. It needs about 32
+            bytes per sample (``grid_h*grid_w`` per bin), in chunks of bins
+            bounded by the workspace limit (:func:`cupydcn.set_workspace_limit`;
+            the same limit gives the same bits), plus 16 bytes per bin and
+            16 per image pixel (N*H*W). NumPy inputs (the reference) are
+            always deterministic.
 
     Returns:
         DeformRoIPoolGrads(input (N, C, H, W), offset (R, 2, ph, pw),
@@ -124,7 +136,7 @@ def deform_roi_pool_backward(grad_output, input, rois, offset=None, output_size=
     with call.device():
         if call.on_gpu or not geo.R * geo.C:
             grads = roi_pool_backward(_backend(call), geo, call.grad_output, call.input,
-                                      call.rois, call.offset, call.mask, wrt)
+                                      call.rois, call.offset, call.mask, wrt, deterministic)
         else:
             full = reference.deform_roi_pool_backward(
                 call.grad_output, call.input, call.rois, call.offset, (geo.ph, geo.pw),
@@ -191,7 +203,7 @@ def deform_psroi_pool(input, rois, trans=None, spatial_scale=1.0, output_dim=Non
 def deform_psroi_pool_backward(grad_output, input, rois, trans=None, count=None,
                                spatial_scale=1.0, output_dim=None, group_size=1,
                                pooled_size=7, part_size=0, sample_per_part=4, trans_std=0.0,
-                               wrt=PSROI_GRADIENTS):
+                               wrt=PSROI_GRADIENTS, deterministic=False):
     """Gradients of :func:`deform_psroi_pool` (the official backward; none for rois).
 
     grad input: each counted sample scatters ``grad / count * corner weight``.
@@ -206,6 +218,17 @@ def deform_psroi_pool_backward(grad_output, input, rois, trans=None, count=None,
         count: the forward's count (``return_count=True``), or None to
             recompute it (the NumPy path always recomputes it).
         wrt: a subset of ``("input", "trans")`` (trans only when given).
+        deterministic: compute both gradients without floating-point atomics
+            (input: the samples sorted by (image, class, position-sensitive
+            group, pixel cell), then one gathering thread per input element;
+            trans: one thread per trans cell summing its bins in a fixed
+            order), so they are bit-identical from run to run; slower than the
+            default scatter. The input gradient needs about 32 bytes per
+            sample (``sample_per_part**2`` per bin and class), in chunks of
+            bins bounded by the workspace limit
+            (:func:`cupydcn.set_workspace_limit`; the same limit gives the
+            same bits), plus 16 bytes per (image, class, group, pixel). NumPy
+            inputs (the reference) are always deterministic.
 
     Returns:
         DeformPSRoIPoolGrads(input (N, C, H, W), trans (R, 2*num_classes, part, part)),
@@ -225,7 +248,7 @@ def deform_psroi_pool_backward(grad_output, input, rois, trans=None, count=None,
     with call.device():
         if call.on_gpu or not geo.R * geo.output_dim:
             grads = psroi_pool_backward(_backend(call), geo, call.grad_output, call.input,
-                                        call.rois, call.trans, call.count, wrt)
+                                        call.rois, call.trans, call.count, wrt, deterministic)
         else:
             full = reference.deform_psroi_pool_backward(call.grad_output, call.input, call.rois,
                                                         call.trans, **_psroi_keywords(geo))
@@ -273,6 +296,67 @@ def _contiguous(xp, *arrays):
     return [None if a is None else xp.ascontiguousarray(a) for a in arrays]
 
 
+# ---- deterministic input gradients: sample chunks --------------------------
+
+# Peak bytes per sample of a chunk: keys, sorted keys, key // S and the order
+# (int64 each); the chunks are sized by it.
+SAMPLE_BYTES = 32
+_KEY_LIMIT = 2**63 - 1
+
+
+def _chunk_cap(cells):
+    """The most samples a chunk may hold: its peak bytes within the workspace
+    limit, and its keys ``cell*samples + s`` (cell <= ``cells``) within int64."""
+    return max(1, min(_config.get_workspace_limit() // SAMPLE_BYTES, _KEY_LIMIT // (cells + 1)))
+
+
+def _checked(chunks, cells):
+    for _, _, samples in chunks:  # only a single bin can pass the cap
+        if samples > _KEY_LIMIT // (cells + 1):
+            raise ValueError(f"deterministic backward: {samples} samples of one bin on "
+                             f"{cells} pixel cells overflow the int64 sort keys")
+    return chunks
+
+
+def _counted_chunks(first, cells):
+    """Ranges (k0, k1, samples) of consecutive bins, in order, each within
+    :func:`_chunk_cap` samples or a single bin; ``first`` (NumPy or CuPy,
+    int64, length bins + 1) holds each bin's first sample. Chunks with no
+    sample are left out."""
+    nbins = first.shape[0] - 1
+    total = int(first[-1])
+    cap = _chunk_cap(cells)
+    if total <= cap:
+        return _checked([(0, nbins, total)] if total else [], cells)
+    host = first.get() if hasattr(first, "get") else numpy.asarray(first)
+    chunks, k0 = [], 0
+    while k0 < nbins:
+        k1 = int(numpy.searchsorted(host, host[k0] + cap, side="right")) - 1
+        k1 = min(max(k1, k0 + 1), nbins)
+        if host[k1] > host[k0]:
+            chunks.append((k0, k1, int(host[k1] - host[k0])))
+        k0 = k1
+    return _checked(chunks, cells)
+
+
+def _fixed_chunks(nbins, per_bin, cells):
+    """As :func:`_counted_chunks`, for ``per_bin`` samples in every bin."""
+    if nbins * per_bin == 0:
+        return []
+    step = max(1, _chunk_cap(cells) // per_bin)
+    return _checked([(k0, min(k0 + step, nbins), (min(k0 + step, nbins) - k0) * per_bin)
+                     for k0 in range(0, nbins, step)], cells)
+
+
+def _sorted_samples(xp, keys, samples, cells):
+    """(order, starts) of a chunk's keys: the samples in key order and the
+    first entry of each cell in ``[0, cells]``."""
+    keys = xp.sort(keys)  # unique keys: any correct sort gives this order
+    order = keys % samples
+    starts = xp.searchsorted(keys // samples, xp.arange(cells + 1, dtype=numpy.int64))
+    return order, xp.ascontiguousarray(starts.astype(numpy.int64, copy=False))
+
+
 # ---- deform_roi_pool kernel paths ----------------------------------------
 
 
@@ -298,10 +382,33 @@ def roi_pool_forward(backend, geo, input, rois, offset=None, mask=None):
     return out
 
 
+def _roi_input_gather(backend, geo, bits, args, grad_output, rois, offset, mask, grad_input):
+    """The deterministic input gradient (kernels/deform_roi_pool.cu, opening
+    paragraph): counts per bin, their cumsum, then per chunk of bins keys,
+    sort and gather into ``grad_input``."""
+    xp = backend.xp
+    nbins = geo.R * geo.ph * geo.pw
+    counts = _config.empty(xp, (nbins,), numpy.int64)
+    backend.launch(_ROI, "deform_roi_pool_sample_count", geo.dtype, bits, nbins,
+                   [rois, offset, mask, counts, *args])
+    first = xp.concatenate([xp.zeros(1, numpy.int64), xp.cumsum(counts)])
+    cells = geo.N * geo.H * geo.W
+    for k0, k1, samples in _counted_chunks(first, cells):
+        keys = _config.empty(xp, (samples,), numpy.int64)
+        backend.launch(_ROI, "deform_roi_pool_sample_keys", geo.dtype, bits, k1 - k0,
+                       [rois, offset, mask, first, keys, *args, k0, k1])
+        order, starts = _sorted_samples(xp, keys, samples, cells)
+        del keys
+        backend.launch(_ROI, "deform_roi_pool_backward_input_gather", geo.dtype, bits,
+                       grad_input.size, [grad_output, rois, offset, mask, first, order, starts,
+                                         grad_input, *args, k0, k1])
+
+
 def roi_pool_backward(backend, geo, grad_output, input, rois, offset=None, mask=None,
-                      wrt=ROI_GRADIENTS):
+                      wrt=ROI_GRADIENTS, deterministic=False):
     """The kernel path of deform_roi_pool_backward; ``wrt`` names ROI_GRADIENTS
-    (offset and mask are computed only when given)."""
+    (offset and mask are computed only when given). ``deterministic`` takes the
+    atomic-free input gradient."""
     xp = backend.xp
     dtype, acc = geo.dtype.dtype, geo.dtype.acc
     grad_input = xp.zeros(input.shape, acc) if "input" in wrt else None
@@ -313,7 +420,10 @@ def roi_pool_backward(backend, geo, grad_output, input, rois, offset=None, mask=
         grad_output, input, rois, offset, mask = _contiguous(xp, grad_output, input, rois,
                                                              offset, mask)
         bits, args = _roi_bits(geo), _roi_args(geo)
-        if grad_input is not None:
+        if grad_input is not None and deterministic:
+            _roi_input_gather(backend, geo, bits, args, grad_output, rois, offset, mask,
+                              grad_input)
+        elif grad_input is not None:
             backend.launch(_ROI, "deform_roi_pool_backward_input", geo.dtype, bits,
                            grad_output.size, [grad_output, rois, offset, mask, grad_input, *args])
         if grad_offset is not None or grad_mask is not None:
@@ -361,26 +471,56 @@ def psroi_pool_forward(backend, geo, input, rois, trans=None):
     return out, count
 
 
+def _psroi_input_gather(backend, geo, bits, args, grad_output, rois, trans, count,
+                        grad_input):
+    """The deterministic input gradient (kernels/deform_psroi_pool.cu, opening
+    paragraph): per chunk of bins keys, sort and gather into ``grad_input``."""
+    xp = backend.xp
+    spp2 = geo.sample_per_part**2
+    nbins = geo.R * geo.num_classes * geo.pooled_size**2
+    cells = geo.N * geo.num_classes * geo.group_size**2 * geo.H * geo.W
+    for k0, k1, samples in _fixed_chunks(nbins, spp2, cells):
+        chunk_bits = max(bits, _dtypes.index_bits(samples))
+        keys = _config.empty(xp, (samples,), numpy.int64)
+        backend.launch(_PSROI, "deform_psroi_pool_sample_keys", geo.dtype, chunk_bits, samples,
+                       [rois, trans, keys, *args, k0, k1])
+        order, starts = _sorted_samples(xp, keys, samples, cells)
+        del keys
+        backend.launch(_PSROI, "deform_psroi_pool_backward_input_gather", geo.dtype, chunk_bits,
+                       grad_input.size, [grad_output, rois, trans, count, order, starts,
+                                         grad_input, *args, k0, k1])
+
+
 def psroi_pool_backward(backend, geo, grad_output, input, rois, trans=None, count=None,
-                        wrt=PSROI_GRADIENTS):
+                        wrt=PSROI_GRADIENTS, deterministic=False):
     """The kernel path of deform_psroi_pool_backward; ``count`` None recomputes
-    it with the forward kernel."""
+    it with the forward kernel. ``deterministic`` takes the atomic-free
+    gradients."""
     xp = backend.xp
     dtype, acc = geo.dtype.dtype, geo.dtype.acc
     grad_input = xp.zeros(input.shape, acc) if "input" in wrt else None
-    grad_trans = (xp.zeros(trans.shape, acc)
-                  if "trans" in wrt and trans is not None else None)
     n = geo.R * geo.output_dim * geo.pooled_size**2
+    grad_trans = None
+    if "trans" in wrt and trans is not None:  # the trans gather writes every element
+        grad_trans = (_config.empty(xp, trans.shape, acc) if deterministic and n
+                      else xp.zeros(trans.shape, acc))
     if n and (grad_input is not None or grad_trans is not None):
         if count is None:
             count = psroi_pool_forward(backend, geo, input, rois, trans)[1]
         grad_output, input, rois, trans = _contiguous(xp, grad_output, input, rois, trans)
         count = xp.ascontiguousarray(count.astype(acc, copy=False))
         bits, args = _psroi_bits(geo), _psroi_args(geo)
-        if grad_input is not None:
+        if grad_input is not None and deterministic:
+            _psroi_input_gather(backend, geo, bits, args, grad_output, rois, trans, count,
+                                grad_input)
+        elif grad_input is not None:
             backend.launch(_PSROI, "deform_psroi_pool_backward_input", geo.dtype, bits, n,
                            [grad_output, rois, trans, count, grad_input, *args])
-        if grad_trans is not None:
+        if grad_trans is not None and deterministic:
+            backend.launch(_PSROI, "deform_psroi_pool_backward_trans_gather", geo.dtype, bits,
+                           geo.R * geo.num_classes * geo.part_size**2,
+                           [grad_output, input, rois, trans, count, grad_trans, *args])
+        elif grad_trans is not None:
             backend.launch(_PSROI, "deform_psroi_pool_backward_trans", geo.dtype, bits,
                            geo.R * geo.num_classes * geo.pooled_size**2,
                            [grad_output, input, rois, trans, count, grad_trans, *args])

@@ -243,7 +243,10 @@ __global__ void deform_col2im_gather(const typename dcn_acc<T>::type* __restrict
         const I off_base = (b * offset_groups + g) * 2 * taps * pixels + oy * Wo + ox;
         const A y = (A)(oy * stride_h - pad_h + i * dil_h) + dcn_load(offset[off_base + 2 * k * pixels]);
         const A x = (A)(ox * stride_w - pad_w + j * dil_w) + dcn_load(offset[off_base + (2 * k + 1) * pixels]);
-        const A ly = y - dcn_floor(y), lx = x - dcn_floor(x);
+        // Fractions against the cell being visited (the one the key kernel
+        // chose), not a second floor(): the weight stays right even if the
+        // two kernels rounded the position differently.
+        const A ly = y - (A)(yy - cy), lx = x - (A)(xx - cx);
         const A weight = (cy ? ly : (A)1 - ly) * (cx ? lx : (A)1 - lx);
         A grad = grad_columns[(c * taps + k) * ncols + bi * plane + r * Wo + ox];
         if (mask) grad *= dcn_load(mask[(b * offset_groups + g) * taps * pixels + k * pixels + oy * Wo + ox]);

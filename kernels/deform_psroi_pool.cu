@@ -26,6 +26,44 @@
 //   U[y0,x0]) + dist_y*(U[y1,x1] - U[y1,x0]) with floor/ceil corners, so a
 //   clamped or integral coordinate gives 0; times trans_std*roi_w (roi_h for
 //   y) times grad / count.
+// - deform_psroi_pool_sample_keys + deform_psroi_pool_backward_input_gather,
+//   deform_psroi_pool_backward_trans_gather: the same two gradients without
+//   floating-point atomics, for deterministic=True (below).
+//
+// Deterministic gradients (deterministic=True). Input: the samples of bin
+// (r, cls, py, px) do not depend on the output channel beyond its class cls,
+// every bin has sample_per_part^2 of them (sample s = bin*spp^2 + ih*spp + iw,
+// bins numbered k = ((r*num_classes + cls)*pooled + py)*pooled + px), and a
+// sample feeds only input channels (c*G + gy)*G + gx of its position-sensitive
+// group (gy, gx) of (py, px), c in class cls. After the clamp a sample reads
+// the cell whose top-left corner is (y0, x0) = (floor(h), floor(w)), its other
+// corners being the ceilings (y0 itself when h is integral, likewise x). The
+// bins are processed in chunks [k0, k1) whose samples fit the workspace limit
+// (at least one bin a chunk). deform_psroi_pool_sample_keys, one thread per
+// sample of the chunk, writes the int64 key
+// ((((b*num_classes + cls)*G*G + gy*G + gx)*H*W + y0*W + x0)*S + s_local), S
+// the chunk's sample count, with N*num_classes*G*G*H*W as the cell of a
+// skipped sample or a void bin. The keys are unique, so any correct sort gives
+// the same order; ``searchsorted`` gives each cell's first entry (``starts``).
+// deform_psroi_pool_backward_input_gather, one thread per input element
+// (b, c_in, yy, xx), takes c_out = c_in / G^2, (gy, gx) from c_in % G^2 and
+// cls = c_out / (output_dim / num_classes), visits the cells (yy-1, xx-1),
+// (yy-1, xx), (yy, xx-1), (yy, xx) of segment (b, cls, gy, gx) and in each the
+// samples in key order, recomputes each with the forward's helpers, reads
+// count and grad_output of output element (r, c_out, py, px), adds the sample's
+// corner terms whose pixel is (yy, xx) in registers, then adds the sum to
+// grad_input once. Memory: per chunk about 32 bytes per sample at the peak
+// (keys, sorted keys, key // S and the order, all int64; the chunk is sized by
+// that figure) and 8*(N*num_classes*G^2*H*W + 1) bytes for ``starts`` (at
+// most 8 bytes per input element, as num_classes <= output_dim; twice that
+// while ``searchsorted`` runs, for its query).
+// Trans: deform_psroi_pool_backward_trans_gather, one thread per
+// (r, cls, part_y, part_x), loops over the bins (py, px) whose part cell it is,
+// in row-major order, computing each bin's term exactly as
+// deform_psroi_pool_backward_trans does (dcn_psroi_trans_bin), and writes both
+// coordinates once: every element of grad_trans is written, no extra memory.
+// Every sum has a fixed order, so both gradients are bit-identical run after
+// run (for the same workspace limit: it fixes the chunks).
 // Robustness: the batch index rois[r, 0] is converted only when it is an
 // integer in [0, N); otherwise, or when a RoI coordinate or the bin's trans is
 // not finite, the bin counts no sample (output 0, count 0, no scatter).
@@ -127,6 +165,13 @@ __device__ __forceinline__ bool dcn_psroi_corners_setup(I H, I W, A h, A w,
   return true;
 }
 
+// The position-sensitive group of bin coordinate p: p*G/pooled in [0, G-1].
+template <typename I>
+__device__ __forceinline__ I dcn_psroi_group(I p, I group_size, I pooled) {
+  const I g = p * group_size / pooled;
+  return g < 0 ? 0 : (g > group_size - 1 ? group_size - 1 : g);
+}
+
 template <typename T, typename I>
 __global__ void deform_psroi_pool_forward(
     const T* __restrict__ input, const T* __restrict__ rois, const T* __restrict__ trans,
@@ -148,9 +193,8 @@ __global__ void deform_psroi_pool_forward(
     if (dcn_psroi_bin_setup(rois, trans, r, c / channels_each_class, py, px, N, H, W, pooled,
                             part_size, sample_per_part, num_classes, spatial_scale, trans_std,
                             &bin)) {
-      I gy = py * group_size / pooled, gx = px * group_size / pooled;
-      gy = gy < 0 ? 0 : (gy > group_size - 1 ? group_size - 1 : gy);
-      gx = gx < 0 ? 0 : (gx > group_size - 1 ? group_size - 1 : gx);
+      const I gy = dcn_psroi_group(py, group_size, pooled);
+      const I gx = dcn_psroi_group(px, group_size, pooled);
       const T* plane = input + (bin.b * C + (c * group_size + gy) * group_size + gx) * H * W;
       for (I ih = 0; ih < sample_per_part; ++ih) {
         const A h = bin.hstart + (A)ih * bin.sub_h;
@@ -195,9 +239,8 @@ __global__ void deform_psroi_pool_backward_input(
                              &bin))
       continue;
     const A diff = dcn_load(grad_output[index]) / used;
-    I gy = py * group_size / pooled, gx = px * group_size / pooled;
-    gy = gy < 0 ? 0 : (gy > group_size - 1 ? group_size - 1 : gy);
-    gx = gx < 0 ? 0 : (gx > group_size - 1 ? group_size - 1 : gx);
+    const I gy = dcn_psroi_group(py, group_size, pooled);
+    const I gx = dcn_psroi_group(px, group_size, pooled);
     A* plane = grad_input + (bin.b * C + (c * group_size + gy) * group_size + gx) * H * W;
     for (I ih = 0; ih < sample_per_part; ++ih) {
       const A h = bin.hstart + (A)ih * bin.sub_h;
@@ -214,6 +257,51 @@ __global__ void deform_psroi_pool_backward_input(
   }
 }
 
+// The trans gradient terms of bin (r, cls, py, px): summed over the class's
+// channels and the bin's counted samples, times trans_std*roi_w (x) and
+// trans_std*roi_h (y); false (and nothing) for a void bin. *bin gets the bin.
+template <typename T, typename I, typename A>
+__device__ __forceinline__ bool dcn_psroi_trans_bin(
+    const T* grad_output, const T* input, const T* rois, const T* trans, const A* count, I r,
+    I cls, I py, I px, I N, I C, I H, I W, I output_dim, I group_size, I pooled, I part_size,
+    I sample_per_part, I num_classes, A spatial_scale, A trans_std, dcn_psroi_bin<I, A>* bin,
+    A* grad_x, A* grad_y) {
+  if (!dcn_psroi_bin_setup(rois, trans, r, cls, py, px, N, H, W, pooled, part_size,
+                           sample_per_part, num_classes, spatial_scale, trans_std, bin))
+    return false;
+  const I bins = pooled * pooled;
+  const I pixel = py * pooled + px;
+  const I channels_each_class = output_dim / num_classes;
+  const I gy = dcn_psroi_group(py, group_size, pooled);
+  const I gx = dcn_psroi_group(px, group_size, pooled);
+  const I c_begin = cls * channels_each_class;
+  const I plane_size = H * W;
+  const T* image = input + bin->b * C * plane_size;
+  A sum_x = 0, sum_y = 0;
+  for (I ih = 0; ih < sample_per_part; ++ih) {
+    const A h = bin->hstart + (A)ih * bin->sub_h;
+    for (I iw = 0; iw < sample_per_part; ++iw) {
+      dcn_psroi_corners<I, A> s;
+      if (!dcn_psroi_corners_setup(H, W, h, bin->wstart + (A)iw * bin->sub_w, &s)) continue;
+      const A dx = s.dist_x, dy = s.dist_y;
+      for (I c = c_begin; c < c_begin + channels_each_class; ++c) {
+        const I out_index = (r * output_dim + c) * bins + pixel;
+        const A used = count[out_index];
+        if (!(used > (A)0)) continue;
+        const A diff = dcn_load(grad_output[out_index]) / used;
+        const T* plane = image + ((c * group_size + gy) * group_size + gx) * plane_size;
+        const A u00 = dcn_load(plane[s.i00]), u01 = dcn_load(plane[s.i01]);
+        const A u10 = dcn_load(plane[s.i10]), u11 = dcn_load(plane[s.i11]);
+        sum_x += diff * (((A)1 - dy) * (u01 - u00) + dy * (u11 - u10));
+        sum_y += diff * (((A)1 - dx) * (u10 - u00) + dx * (u11 - u01));
+      }
+    }
+  }
+  *grad_x = sum_x * trans_std * bin->roi_w;
+  *grad_y = sum_y * trans_std * bin->roi_h;
+  return true;
+}
+
 template <typename T, typename I>
 __global__ void deform_psroi_pool_backward_trans(
     const T* __restrict__ grad_output, const T* __restrict__ input, const T* __restrict__ rois,
@@ -224,44 +312,163 @@ __global__ void deform_psroi_pool_backward_trans(
   typedef typename dcn_acc<T>::type A;
   const I bins = pooled * pooled;
   const I n = R * num_classes * bins;
-  const I channels_each_class = output_dim / num_classes;
   DCN_KERNEL_LOOP(index, I, n) {
     const I pixel = index % bins;
     const I t = index / bins;
     const I cls = t % num_classes;
     const I r = t / num_classes;
-    const I py = pixel / pooled, px = pixel % pooled;
     dcn_psroi_bin<I, A> bin;
-    if (!dcn_psroi_bin_setup(rois, trans, r, cls, py, px, N, H, W, pooled, part_size,
-                             sample_per_part, num_classes, spatial_scale, trans_std, &bin))
+    A grad_x, grad_y;
+    if (!dcn_psroi_trans_bin(grad_output, input, rois, trans, count, r, cls, pixel / pooled,
+                             pixel % pooled, N, C, H, W, output_dim, group_size, pooled,
+                             part_size, sample_per_part, num_classes, spatial_scale, trans_std,
+                             &bin, &grad_x, &grad_y))
       continue;
-    I gy = py * group_size / pooled, gx = px * group_size / pooled;
-    gy = gy < 0 ? 0 : (gy > group_size - 1 ? group_size - 1 : gy);
-    gx = gx < 0 ? 0 : (gx > group_size - 1 ? group_size - 1 : gx);
-    const I c_begin = cls * channels_each_class;
-    const I plane_size = H * W;
-    const T* image = input + bin.b * C * plane_size;
-    A sum_x = 0, sum_y = 0;
-    for (I ih = 0; ih < sample_per_part; ++ih) {
+    atomicAdd(grad_trans + bin.trans_x, grad_x);
+    atomicAdd(grad_trans + bin.trans_x + part_size * part_size, grad_y);
+  }
+}
+
+// ---- deterministic gradients (no floating-point atomics) ----
+
+// One thread per sample s of bins [k0, k1): its key (see the opening paragraph).
+template <typename T, typename I>
+__global__ void deform_psroi_pool_sample_keys(
+    const T* __restrict__ rois, const T* __restrict__ trans, long long* __restrict__ keys, I N,
+    I C, I H, I W, I R, I output_dim, I group_size, I pooled, I part_size, I sample_per_part,
+    I num_classes, typename dcn_acc<T>::type spatial_scale,
+    typename dcn_acc<T>::type trans_std, I k0, I k1) {
+  typedef typename dcn_acc<T>::type A;
+  const I spp2 = sample_per_part * sample_per_part;
+  const I n = (k1 - k0) * spp2;
+  const long long S = (long long)n;
+  const long long groups = (long long)group_size * group_size;
+  const long long plane = (long long)H * W;
+  const long long none = (long long)N * num_classes * groups * plane;
+  DCN_KERNEL_LOOP(s, I, n) {
+    const I k = k0 + s / spp2, j = s % spp2;
+    const I px = k % pooled;
+    I t = k / pooled;
+    const I py = t % pooled;
+    t /= pooled;
+    const I cls = t % num_classes;
+    const I r = t / num_classes;
+    long long cell = none;
+    dcn_psroi_bin<I, A> bin;
+    if (dcn_psroi_bin_setup(rois, trans, r, cls, py, px, N, H, W, pooled, part_size,
+                            sample_per_part, num_classes, spatial_scale, trans_std, &bin)) {
+      const I ih = j / sample_per_part, iw = j % sample_per_part;
       const A h = bin.hstart + (A)ih * bin.sub_h;
-      for (I iw = 0; iw < sample_per_part; ++iw) {
-        dcn_psroi_corners<I, A> s;
-        if (!dcn_psroi_corners_setup(H, W, h, bin.wstart + (A)iw * bin.sub_w, &s)) continue;
-        const A dx = s.dist_x, dy = s.dist_y;
-        for (I c = c_begin; c < c_begin + channels_each_class; ++c) {
-          const I out_index = (r * output_dim + c) * bins + pixel;
+      dcn_psroi_corners<I, A> q;
+      if (dcn_psroi_corners_setup(H, W, h, bin.wstart + (A)iw * bin.sub_w, &q)) {
+        const I g = dcn_psroi_group(py, group_size, pooled) * group_size +
+                    dcn_psroi_group(px, group_size, pooled);
+        cell = (((long long)bin.b * num_classes + cls) * groups + g) * plane + (long long)q.i00;
+      }
+    }
+    keys[s] = cell * S + (long long)s;
+  }
+}
+
+// One thread per input element (b, c_in, yy, xx); order[e] is the chunk's
+// e-th sample (relative to bin k0) in key order, starts[cell] the first entry
+// of a cell.
+template <typename T, typename I>
+__global__ void deform_psroi_pool_backward_input_gather(
+    const T* __restrict__ grad_output, const T* __restrict__ rois, const T* __restrict__ trans,
+    const typename dcn_acc<T>::type* __restrict__ count, const long long* __restrict__ order,
+    const long long* __restrict__ starts, typename dcn_acc<T>::type* __restrict__ grad_input,
+    I N, I C, I H, I W, I R, I output_dim, I group_size, I pooled, I part_size,
+    I sample_per_part, I num_classes, typename dcn_acc<T>::type spatial_scale,
+    typename dcn_acc<T>::type trans_std, I k0, I k1) {
+  typedef typename dcn_acc<T>::type A;
+  const I n = N * C * H * W;
+  const I spp2 = sample_per_part * sample_per_part;
+  const I groups = group_size * group_size;
+  const I channels_each_class = output_dim / num_classes;
+  const long long plane = (long long)H * W;
+  DCN_KERNEL_LOOP(index, I, n) {
+    const I xx = index % W;
+    const I yy = (index / W) % H;
+    const I c_in = (index / (W * H)) % C;
+    const I b = index / (W * H * C);
+    const I c_out = c_in / groups;
+    const I cls = c_out / channels_each_class;
+    const I p = yy * W + xx;
+    const long long segment = (((long long)b * num_classes + cls) * groups + c_in % groups) * plane;
+    A sum = 0;
+    for (I y0 = yy - 1; y0 <= yy; ++y0) {
+      if (y0 < 0) continue;
+      for (I x0 = xx - 1; x0 <= xx; ++x0) {
+        if (x0 < 0) continue;
+        const long long cell = segment + (long long)(y0 * W + x0);
+        const long long end = starts[cell + 1];
+        for (long long e = starts[cell]; e < end; ++e) {
+          const I s = (I)order[e];
+          const I k = k0 + s / spp2, j = s % spp2;
+          const I px = k % pooled;
+          const I py = (k / pooled) % pooled;
+          const I r = k / (pooled * pooled * num_classes);
+          const I out_index = ((r * output_dim + c_out) * pooled + py) * pooled + px;
           const A used = count[out_index];
           if (!(used > (A)0)) continue;
+          dcn_psroi_bin<I, A> bin;
+          if (!dcn_psroi_bin_setup(rois, trans, r, cls, py, px, N, H, W, pooled, part_size,
+                                   sample_per_part, num_classes, spatial_scale, trans_std, &bin))
+            continue;
           const A diff = dcn_load(grad_output[out_index]) / used;
-          const T* plane = image + ((c * group_size + gy) * group_size + gx) * plane_size;
-          const A u00 = dcn_load(plane[s.i00]), u01 = dcn_load(plane[s.i01]);
-          const A u10 = dcn_load(plane[s.i10]), u11 = dcn_load(plane[s.i11]);
-          sum_x += diff * (((A)1 - dy) * (u01 - u00) + dy * (u11 - u10));
-          sum_y += diff * (((A)1 - dx) * (u10 - u00) + dx * (u11 - u01));
+          const I ih = j / sample_per_part, iw = j % sample_per_part;
+          const A h = bin.hstart + (A)ih * bin.sub_h;
+          dcn_psroi_corners<I, A> q;
+          if (!dcn_psroi_corners_setup(H, W, h, bin.wstart + (A)iw * bin.sub_w, &q)) continue;
+          const A dx = q.dist_x, dy = q.dist_y;
+          if (q.i00 == p) sum += ((A)1 - dx) * ((A)1 - dy) * diff;
+          if (q.i10 == p) sum += ((A)1 - dx) * dy * diff;
+          if (q.i01 == p) sum += dx * ((A)1 - dy) * diff;
+          if (q.i11 == p) sum += dx * dy * diff;
         }
       }
     }
-    atomicAdd(grad_trans + bin.trans_x, sum_x * trans_std * bin.roi_w);
-    atomicAdd(grad_trans + bin.trans_x + part_size * part_size, sum_y * trans_std * bin.roi_h);
+    grad_input[index] += sum;
+  }
+}
+
+// One thread per trans cell (r, cls, part_y, part_x): the terms of the bins
+// whose part cell it is, in row-major bin order; writes both coordinates.
+template <typename T, typename I>
+__global__ void deform_psroi_pool_backward_trans_gather(
+    const T* __restrict__ grad_output, const T* __restrict__ input, const T* __restrict__ rois,
+    const T* __restrict__ trans, const typename dcn_acc<T>::type* __restrict__ count,
+    typename dcn_acc<T>::type* __restrict__ grad_trans, I N, I C, I H, I W, I R, I output_dim,
+    I group_size, I pooled, I part_size, I sample_per_part, I num_classes,
+    typename dcn_acc<T>::type spatial_scale, typename dcn_acc<T>::type trans_std) {
+  typedef typename dcn_acc<T>::type A;
+  const I cells = part_size * part_size;
+  const I n = R * num_classes * cells;
+  DCN_KERNEL_LOOP(index, I, n) {
+    const I part_x = index % part_size;
+    const I part_y = (index / part_size) % part_size;
+    const I t = index / cells;  // r*num_classes + cls
+    const I cls = t % num_classes;
+    const I r = t / num_classes;
+    A sum_x = 0, sum_y = 0;
+    for (I py = 0; py < pooled; ++py) {
+      if (py * part_size / pooled != part_y) continue;
+      for (I px = 0; px < pooled; ++px) {
+        if (px * part_size / pooled != part_x) continue;
+        dcn_psroi_bin<I, A> bin;
+        A grad_x, grad_y;
+        if (!dcn_psroi_trans_bin(grad_output, input, rois, trans, count, r, cls, py, px, N, C,
+                                 H, W, output_dim, group_size, pooled, part_size,
+                                 sample_per_part, num_classes, spatial_scale, trans_std, &bin,
+                                 &grad_x, &grad_y))
+          continue;
+        sum_x += grad_x;
+        sum_y += grad_y;
+      }
+    }
+    const I out = (t * 2 * part_size + part_y) * part_size + part_x;
+    grad_trans[out] = sum_x;
+    grad_trans[out + cells] = sum_y;
   }
 }

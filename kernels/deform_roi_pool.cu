@@ -14,6 +14,10 @@
 // - deform_roi_pool_backward_input: one thread per output element; scatters
 //   grad * mask / count * corner weight into an A-typed grad_input with
 //   atomicAdd (float atomics for the half types).
+// - deform_roi_pool_backward_input_gather (with deform_roi_pool_sample_count
+//   and deform_roi_pool_sample_keys): the same input gradient without
+//   floating-point atomics, for deterministic=True; see "Deterministic input
+//   gradient" below.
 // - deform_roi_pool_backward_offset: one thread per bin (r, py, px), looping
 //   over the samples and, for each, over the channels in registers; writes
 //   grad_offset (R, 2, ph, pw) and grad_mask (R, 1, ph, pw) once, no atomics.
@@ -23,6 +27,34 @@
 //   value is flat there; mmcv extrapolates instead) and 0 by itself on the
 //   last column (x1 == x0); likewise d/dy; times gamma*roi_w (channel 0, x) or
 //   gamma*roi_h (channel 1, y), times grad * mask / count.
+// Deterministic input gradient (deterministic=True): the samples of a bin do
+// not depend on the channel, and after the forward's clamps each sample reads
+// the cell whose top-left corner is (y0, x0), y0 in [0, H-1], x0 in [0, W-1]
+// (the cell's other corners are y0 + 1 or y0 itself on the last row, likewise
+// x). The number of samples of a bin varies (adaptive grid, invalid bins have
+// none), so deform_roi_pool_sample_count writes each bin's count
+// (grid_h*grid_w, 0 for a void bin), ``xp.cumsum`` gives ``first`` (the first
+// sample of each bin, first[R*ph*pw] = the total), and the bins are processed
+// in chunks [k0, k1) whose samples fit the workspace limit (at least one bin
+// a chunk). Per chunk, deform_roi_pool_sample_keys (one thread per bin) writes
+// one int64 key per sample: (b*H*W + y0*W + x0)*S + s, with S the chunk's
+// sample count, s = first[k] - first[k0] + iy*grid_w + ix, and N*H*W as the
+// cell of a sample outside [-1, H] x [-1, W]. The keys are unique, so any
+// correct sort gives the same order; ``searchsorted`` gives each cell's first
+// entry (``starts``). deform_roi_pool_backward_input_gather, one thread per
+// input element (b, c, yy, xx), visits the cells (yy-1, xx-1), (yy-1, xx),
+// (yy, xx-1), (yy, xx) and in each the samples in key order (a binary search
+// in ``first`` gives a sample's bin), recomputes the sample with the same
+// helpers as the forward, adds each of its corner terms whose pixel is
+// (yy, xx) (both rows' terms on the clamped last row, as the scatter does) in
+// registers, and adds the sum to grad_input once. Every sum has a fixed
+// order, so the gradient is bit-identical run after run (for the same
+// workspace limit: it fixes the chunks). Memory: 8 bytes per bin for the
+// counts and 8 for ``first``; per chunk, about 32 bytes per sample at the peak
+// (keys, sorted keys, key // S and the order, all int64; the chunk is sized
+// by that figure) and 8*(N*H*W + 1) bytes for ``starts`` (twice that while
+// ``searchsorted`` runs, for its query). Nothing scales with C.
+//
 // Robustness: the batch index rois[r, 0] is converted only when it is an
 // integer in [0, N); otherwise, or when a RoI coordinate, the bin's offset or
 // its mask is not finite, the bin is 0 and reads and scatters nothing. Sample
@@ -285,5 +317,121 @@ __global__ void deform_roi_pool_backward_offset(
       grad_offset[(r * 2 + 1) * bins + pixel] = dcn_store<T>(gy);
     }
     if (grad_mask) grad_mask[r * bins + pixel] = dcn_store<T>(ok ? sum_value / bin.count : (A)0);
+  }
+}
+
+// ---- deterministic input gradient (no floating-point atomics) ----
+
+// The samples of bin k = r*ph*pw + py*pw + px: grid_h*grid_w, 0 for a void bin.
+template <typename T, typename I>
+__global__ void deform_roi_pool_sample_count(
+    const T* __restrict__ rois, const T* __restrict__ offset, const T* __restrict__ mask,
+    long long* __restrict__ counts, I N, I C, I H, I W, I R, I ph, I pw, I sampling_ratio,
+    typename dcn_acc<T>::type spatial_scale, typename dcn_acc<T>::type gamma) {
+  typedef typename dcn_acc<T>::type A;
+  const I bins = ph * pw;
+  const I n = R * bins;
+  DCN_KERNEL_LOOP(k, I, n) {
+    const I pixel = k % bins;
+    dcn_roi_bin<I, A> bin;
+    long long count = 0;
+    if (dcn_roi_bin_setup(rois, offset, mask, k / bins, pixel / pw, pixel % pw, N, H, W, ph, pw,
+                          sampling_ratio, spatial_scale, gamma, &bin))
+      count = (long long)bin.grid_h * (long long)bin.grid_w;
+    counts[k] = count;
+  }
+}
+
+// One thread per bin k in [k0, k1): the keys of its samples (see the opening
+// paragraph); first[k] is the bin's first sample, first[k1] - first[k0] the
+// chunk's sample count S.
+template <typename T, typename I>
+__global__ void deform_roi_pool_sample_keys(
+    const T* __restrict__ rois, const T* __restrict__ offset, const T* __restrict__ mask,
+    const long long* __restrict__ first, long long* __restrict__ keys, I N, I C, I H, I W, I R,
+    I ph, I pw, I sampling_ratio, typename dcn_acc<T>::type spatial_scale,
+    typename dcn_acc<T>::type gamma, I k0, I k1) {
+  typedef typename dcn_acc<T>::type A;
+  const I bins = ph * pw;
+  const I n = k1 - k0;
+  const long long S = first[k1] - first[k0];
+  const long long none = (long long)N * H * W;
+  DCN_KERNEL_LOOP(t, I, n) {
+    const I k = k0 + t;
+    const I pixel = k % bins;
+    dcn_roi_bin<I, A> bin;
+    if (!dcn_roi_bin_setup(rois, offset, mask, k / bins, pixel / pw, pixel % pw, N, H, W, ph,
+                           pw, sampling_ratio, spatial_scale, gamma, &bin))
+      continue;  // no samples: first[k + 1] == first[k]
+    const long long image = (long long)bin.b * H * W;
+    long long s = first[k] - first[k0];
+    for (I iy = 0; iy < bin.grid_h; ++iy) {
+      const A y = dcn_roi_sample_y(bin, iy);
+      for (I ix = 0; ix < bin.grid_w; ++ix, ++s) {
+        dcn_roi_corners<I, A> q;
+        long long cell = none;
+        if (dcn_roi_corners_setup(H, W, y, dcn_roi_sample_x(bin, ix), &q))
+          cell = image + (long long)q.i00;
+        keys[s] = cell * S + s;
+      }
+    }
+  }
+}
+
+// One thread per input element (b, c, yy, xx); order[e] is the chunk's e-th
+// sample in key order, starts[cell] the first entry of a cell.
+template <typename T, typename I>
+__global__ void deform_roi_pool_backward_input_gather(
+    const T* __restrict__ grad_output, const T* __restrict__ rois, const T* __restrict__ offset,
+    const T* __restrict__ mask, const long long* __restrict__ first,
+    const long long* __restrict__ order, const long long* __restrict__ starts,
+    typename dcn_acc<T>::type* __restrict__ grad_input, I N, I C, I H, I W, I R, I ph, I pw,
+    I sampling_ratio, typename dcn_acc<T>::type spatial_scale,
+    typename dcn_acc<T>::type gamma, I k0, I k1) {
+  typedef typename dcn_acc<T>::type A;
+  const I bins = ph * pw;
+  const I n = N * C * H * W;
+  DCN_KERNEL_LOOP(index, I, n) {
+    const I xx = index % W;
+    const I yy = (index / W) % H;
+    const I c = (index / (W * H)) % C;
+    const I b = index / (W * H * C);
+    const I p = yy * W + xx;
+    const long long image = (long long)b * H * W;
+    A sum = 0;
+    for (I y0 = yy - 1; y0 <= yy; ++y0) {
+      if (y0 < 0) continue;
+      for (I x0 = xx - 1; x0 <= xx; ++x0) {
+        if (x0 < 0) continue;
+        const long long cell = image + (long long)(y0 * W + x0);
+        const long long end = starts[cell + 1];
+        for (long long e = starts[cell]; e < end; ++e) {
+          const long long s = first[k0] + order[e];
+          I lo = k0, hi = k1;  // first[lo] <= s < first[hi]
+          while (hi - lo > 1) {
+            const I mid = lo + (hi - lo) / 2;
+            if (first[mid] <= s) lo = mid; else hi = mid;
+          }
+          const I k = lo;
+          const I r = k / bins, pixel = k % bins;
+          dcn_roi_bin<I, A> bin;
+          if (!dcn_roi_bin_setup(rois, offset, mask, r, pixel / pw, pixel % pw, N, H, W, ph, pw,
+                                 sampling_ratio, spatial_scale, gamma, &bin))
+            continue;
+          const long long j = s - first[k];
+          const I iy = (I)(j / bin.grid_w), ix = (I)(j % bin.grid_w);
+          dcn_roi_corners<I, A> q;
+          if (!dcn_roi_corners_setup(H, W, dcn_roi_sample_y(bin, iy), dcn_roi_sample_x(bin, ix),
+                                     &q))
+            continue;
+          const A grad = dcn_load(grad_output[(r * C + c) * bins + pixel]) * bin.m / bin.count;
+          if (q.i00 == p) sum += q.hy * q.hx * grad;
+          if (q.i01 == p) sum += q.hy * q.lx * grad;
+          if (q.i10 == p) sum += q.ly * q.hx * grad;
+          if (q.i11 == p) sum += q.ly * q.lx * grad;
+        }
+      }
+    }
+    grad_input[index] += sum;
   }
 }

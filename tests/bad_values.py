@@ -5,7 +5,8 @@
 Runs the kernel paths of every op, forward and backward (the conv backward in
 both modes), on coordinates that are NaN, +-inf, +-1e30 and large finite
 values, and on RoIs whose batch index is out of range or NaN (validation is
-bypassed so that the kernels' own guards are what is tested). With ``host`` the
+bypassed so that the kernels' own guards are what is tested); the backwards of
+the RoI ops also run in both modes. With ``host`` the
 kernels are built for the CPU with AddressSanitizer (test_robustness.py runs
 this under libasan); with ``cupy`` they run on the GPU, under
 ``compute-sanitizer --tool memcheck`` in the GPU tier. ``mutated`` plants an
@@ -58,8 +59,10 @@ def run(backend, rng):
         geo = _validation.check_deform_roi_pool(feat, rois, roi_offset, 3, 0.5, sampling_ratio,
                                                 0.1, roi_mask, check_batch=False)
         _roi_pool.roi_pool_forward(backend, geo, feat, rois, roi_offset, roi_mask)
-        _roi_pool.roi_pool_backward(backend, geo, dev(rng.standard_normal((12, 3, 3, 3))), feat,
-                                    rois, roi_offset, roi_mask)
+        roi_grad = dev(rng.standard_normal((12, 3, 3, 3)))
+        for deterministic in (False, True):
+            _roi_pool.roi_pool_backward(backend, geo, roi_grad, feat, rois, roi_offset, roi_mask,
+                                        _roi_pool.ROI_GRADIENTS, deterministic)
 
     # deformable position-sensitive RoI pooling, 2 classes
     ps_feat = dev(rng.standard_normal((2, 2 * 2 * 2, 9, 11)))
@@ -67,8 +70,10 @@ def run(backend, rng):
     geo = _validation.check_deform_psroi_pool(ps_feat, rois, trans, 0.5, 2, 2, 3, 2, 2, 0.1,
                                               check_batch=False)
     _, count = _roi_pool.psroi_pool_forward(backend, geo, ps_feat, rois, trans)
-    _roi_pool.psroi_pool_backward(backend, geo, dev(rng.standard_normal((12, 2, 3, 3))),
-                                  ps_feat, rois, trans, count)
+    ps_grad = dev(rng.standard_normal((12, 2, 3, 3)))
+    for deterministic in (False, True):
+        _roi_pool.psroi_pool_backward(backend, geo, ps_grad, ps_feat, rois, trans, count,
+                                      _roi_pool.PSROI_GRADIENTS, deterministic)
     if xp is not numpy:
         xp.cuda.Device().synchronize()
 
