@@ -176,7 +176,7 @@ def main(argv=None):
                 failures += not ok
                 print(f"{op:<34}{dtype.name:<10}{err:>12.2e}{tolerance:>11.0e}  "
                       f"{'ok' if ok else 'FAILED'}")
-    print(f"\n{'all ops match the reference' if not failures else f'{failures} comparison(s) FAILED'}"
-          f" on {where}")
+    verdict = "all ops match the reference" if not failures else f"{failures} comparison(s) FAILED"
+    print(f"\n{verdict} on {where}")
     sys.stdout.flush()
     return 0 if not failures else 1

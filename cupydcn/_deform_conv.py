@@ -60,7 +60,7 @@ def deform_conv2d(input, offset, weight, bias=None, stride=1, padding=0, dilatio
                                           stride, padding, dilation, call.mask)
     with call.device():
         if call.on_gpu or _is_empty(geo):
-            out = forward(_backend(call), geo, call.input, call.offset, call.weight,
+            out = forward(_kernels.backend_for(call), geo, call.input, call.offset, call.weight,
                           call.bias, call.mask)
         else:
             out = reference.deform_conv2d(call.input, call.offset, call.weight, call.bias,
@@ -97,7 +97,7 @@ def deform_conv2d_backward(grad_output, input, offset, weight, bias=None, stride
                                           grad_output=call.grad_output)
     with call.device():
         if call.on_gpu or _is_empty(geo):
-            grads = backward(_backend(call), geo, call.grad_output, call.input,
+            grads = backward(_kernels.backend_for(call), geo, call.grad_output, call.input,
                              call.offset, call.weight, call.mask, wrt, deterministic)
         else:
             full = reference.deform_conv2d_backward(
@@ -111,12 +111,6 @@ def deform_conv2d_backward(grad_output, input, offset, weight, bias=None, stride
 
 def _is_empty(geo):
     return geo.B * geo.Cout * geo.Ho * geo.Wo == 0
-
-
-def _backend(call):
-    # Empty work launches nothing, so on the CPU the host backend (which
-    # compiles only when it launches) returns the empty or zero results.
-    return _kernels.cupy_backend() if call.on_gpu else _kernels.HostBackend()
 
 
 def _check_wrt(wrt, bias, mask):
@@ -181,10 +175,6 @@ def _im2col(backend, geo, bits, tile, input, offset, mask):
     return columns
 
 
-def _contiguous(xp, *arrays):
-    return [None if a is None else xp.ascontiguousarray(a) for a in arrays]
-
-
 def forward(backend, geo, input, offset, weight, bias=None, mask=None):
     """The kernel path of deform_conv2d on ``backend`` (validated arguments)."""
     xp = backend.xp
@@ -192,7 +182,7 @@ def forward(backend, geo, input, offset, weight, bias=None, mask=None):
     out = xp.empty((geo.B, geo.Cout, geo.Ho, geo.Wo), geo.dtype.dtype)
     if out.size == 0:
         return out
-    input, offset, mask = _contiguous(xp, input, offset, mask)
+    input, offset, mask = _kernels.contiguous(xp, input, offset, mask)
     plan = tiles(geo)
     bits = _index_bits(geo, plan)
     groups = geo.groups
@@ -240,7 +230,7 @@ def backward(backend, geo, grad_output, input, offset, weight, mask, wrt, determ
     grad_bias = (grad_output.astype(acc).sum(axis=(0, 2, 3)).astype(dtype)
                  if "bias" in wrt else None)
     if geo.B * geo.Ho * geo.Wo and geo.Cout and wrt - {"bias"}:
-        grad_output, input, offset, mask = _contiguous(xp, grad_output, input, offset, mask)
+        grad_output, input, offset, mask = _kernels.contiguous(xp, grad_output, input, offset, mask)
         weight_g = weight.astype(acc).reshape(groups, geo.Cout // groups, -1)
         plan = tiles(geo)
         bits = _index_bits(geo, plan)

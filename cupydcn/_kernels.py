@@ -188,7 +188,8 @@ class HostBackend:
                     wrappers.append(
                         f'extern "C" void {self.symbol(kernel, dtype, bits)}'
                         "(unsigned int grid, unsigned int block, void** args) "
-                        f"{{ dcn_host_launch(&{template_name(kernel, dtype, bits)}, grid, block, args); }}"
+                        f"{{ dcn_host_launch(&{template_name(kernel, dtype, bits)}, "
+                        "grid, block, args); }"
                     )
         text = self.sources.get(file) or source(file)
         return "\n".join([shim, text, "// ---- host launch wrappers ----", *wrappers, ""])
@@ -207,8 +208,10 @@ class HostBackend:
     def _compile(self, text, file):
         if shutil.which(self.compiler) is None:
             raise RuntimeError(f"the host build needs a C++ compiler; {self.compiler!r} not found")
-        digest = hashlib.sha256((text + repr((self.compiler, self.flags))).encode()).hexdigest()[:20]
-        cache = pathlib.Path(os.environ.get("CUPYDCN_CACHE_DIR") or pathlib.Path.home() / ".cache" / "cupydcn")
+        key = text + repr((self.compiler, self.flags))
+        digest = hashlib.sha256(key.encode()).hexdigest()[:20]
+        default = pathlib.Path.home() / ".cache" / "cupydcn"
+        cache = pathlib.Path(os.environ.get("CUPYDCN_CACHE_DIR") or default)
         cache.mkdir(parents=True, exist_ok=True)
         target = cache / f"host_{file}_{digest}.so"
         if target.is_file():
@@ -242,9 +245,29 @@ class HostBackend:
                 values.append(index_ctype(int(arg)))
             else:
                 values.append(acc_ctype(float(arg)))
-        argv = (ctypes.c_void_p * len(values))(*[ctypes.cast(ctypes.pointer(v), ctypes.c_void_p) for v in values])
+        pointers = [ctypes.cast(ctypes.pointer(v), ctypes.c_void_p) for v in values]
+        argv = (ctypes.c_void_p * len(values))(*pointers)
         grid = max(1, min(self.grid, (n + self.block - 1) // self.block))
         function(ctypes.c_uint(grid), ctypes.c_uint(self.block), argv)
+
+
+class NoWorkBackend:
+    """The backend of a CPU call with no work (an empty batch, no output
+    channel, no RoI): the kernel paths only allocate their empty or zero
+    results, and a launch with work is a bug."""
+
+    name = "no-work"
+    xp = numpy
+
+    @staticmethod
+    def launch(file, kernel, dtype, bits, n, args):
+        if n:
+            raise AssertionError(f"{kernel}: {n} work items on the no-work backend")
+
+
+def contiguous(xp, *arrays):
+    """C-contiguous versions of ``arrays`` (None stays None), as launches need."""
+    return [None if a is None else xp.ascontiguousarray(a) for a in arrays]
 
 
 _cupy_backend = None
@@ -260,3 +283,8 @@ def cupy_backend():
                 _cupy_backend = CupyBackend()
     return _cupy_backend
 
+
+def backend_for(call):
+    """The backend of an op call: CuPy on the GPU; on the CPU the kernel path
+    runs only for empty work (the NumPy reference computes everything else)."""
+    return cupy_backend() if call.on_gpu else NoWorkBackend

@@ -81,8 +81,8 @@ def deform_roi_pool(input, rois, offset=None, output_size=7, spatial_scale=1.0,
                                             spatial_scale, sampling_ratio, gamma, call.mask)
     with call.device():
         if call.on_gpu or not geo.R * geo.C:
-            out = roi_pool_forward(_backend(call), geo, call.input, call.rois, call.offset,
-                                   call.mask)
+            out = roi_pool_forward(_kernels.backend_for(call), geo, call.input, call.rois,
+                                   call.offset, call.mask)
         else:
             out = reference.deform_roi_pool(call.input, call.rois, call.offset,
                                             (geo.ph, geo.pw), geo.spatial_scale,
@@ -135,7 +135,7 @@ def deform_roi_pool_backward(grad_output, input, rois, offset=None, output_size=
                                             grad_output=call.grad_output)
     with call.device():
         if call.on_gpu or not geo.R * geo.C:
-            grads = roi_pool_backward(_backend(call), geo, call.grad_output, call.input,
+            grads = roi_pool_backward(_kernels.backend_for(call), geo, call.grad_output, call.input,
                                       call.rois, call.offset, call.mask, wrt, deterministic)
         else:
             full = reference.deform_roi_pool_backward(
@@ -189,7 +189,7 @@ def deform_psroi_pool(input, rois, trans=None, spatial_scale=1.0, output_dim=Non
                                               sample_per_part, trans_std)
     with call.device():
         if call.on_gpu or not geo.R * geo.output_dim:
-            out, count = psroi_pool_forward(_backend(call), geo, call.input, call.rois,
+            out, count = psroi_pool_forward(_kernels.backend_for(call), geo, call.input, call.rois,
                                             call.trans)
         else:
             out, count = reference.deform_psroi_pool(call.input, call.rois, call.trans,
@@ -247,8 +247,9 @@ def deform_psroi_pool_backward(grad_output, input, rois, trans=None, count=None,
                                               grad_output=call.grad_output, count=call.count)
     with call.device():
         if call.on_gpu or not geo.R * geo.output_dim:
-            grads = psroi_pool_backward(_backend(call), geo, call.grad_output, call.input,
-                                        call.rois, call.trans, call.count, wrt, deterministic)
+            grads = psroi_pool_backward(_kernels.backend_for(call), geo, call.grad_output,
+                                        call.input, call.rois, call.trans, call.count, wrt,
+                                        deterministic)
         else:
             full = reference.deform_psroi_pool_backward(call.grad_output, call.input, call.rois,
                                                         call.trans, **_psroi_keywords(geo))
@@ -256,22 +257,6 @@ def deform_psroi_pool_backward(grad_output, input, rois, trans=None, count=None,
                 g.astype(geo.dtype.dtype) if name in wrt and g is not None else None
                 for name, g in zip(PSROI_GRADIENTS, full)))
     return call.wrap(grads)
-
-
-class _NoWork:
-    """The backend of a NumPy call with nothing to pool (no RoI or no channel):
-    the kernel paths then only allocate their (empty or zero) results."""
-
-    xp = numpy
-
-    @staticmethod
-    def launch(file, kernel, dtype, bits, n, args):
-        if n:
-            raise AssertionError(f"{kernel}: {n} work items on the no-work backend")
-
-
-def _backend(call):
-    return _kernels.cupy_backend() if call.on_gpu else _NoWork
 
 
 def _psroi_keywords(geo):
@@ -290,10 +275,6 @@ def _check_wrt(wrt, names, **optional):
     if unknown:
         raise ValueError(f"wrt must name gradients among {names}, got {sorted(unknown)}")
     return wrt - {name for name, array in optional.items() if array is None}
-
-
-def _contiguous(xp, *arrays):
-    return [None if a is None else xp.ascontiguousarray(a) for a in arrays]
 
 
 # ---- deterministic input gradients: sample chunks --------------------------
@@ -376,7 +357,7 @@ def roi_pool_forward(backend, geo, input, rois, offset=None, mask=None):
     out = _config.empty(xp, (geo.R, geo.C, geo.ph, geo.pw), geo.dtype.dtype)
     if out.size == 0:
         return out
-    input, rois, offset, mask = _contiguous(xp, input, rois, offset, mask)
+    input, rois, offset, mask = _kernels.contiguous(xp, input, rois, offset, mask)
     backend.launch(_ROI, "deform_roi_pool_forward", geo.dtype, _roi_bits(geo), out.size,
                    [input, rois, offset, mask, out, *_roi_args(geo)])
     return out
@@ -417,7 +398,7 @@ def roi_pool_backward(backend, geo, grad_output, input, rois, offset=None, mask=
     grad_mask = (_config.empty(xp, mask.shape, dtype)
                  if "mask" in wrt and mask is not None else None)
     if geo.R * geo.C * geo.ph * geo.pw:
-        grad_output, input, rois, offset, mask = _contiguous(xp, grad_output, input, rois,
+        grad_output, input, rois, offset, mask = _kernels.contiguous(xp, grad_output, input, rois,
                                                              offset, mask)
         bits, args = _roi_bits(geo), _roi_args(geo)
         if grad_input is not None and deterministic:
@@ -465,7 +446,7 @@ def psroi_pool_forward(backend, geo, input, rois, trans=None):
     count = _config.empty(xp, shape, geo.dtype.acc)
     if out.size == 0:
         return out, count
-    input, rois, trans = _contiguous(xp, input, rois, trans)
+    input, rois, trans = _kernels.contiguous(xp, input, rois, trans)
     backend.launch(_PSROI, "deform_psroi_pool_forward", geo.dtype, _psroi_bits(geo), out.size,
                    [input, rois, trans, out, count, *_psroi_args(geo)])
     return out, count
@@ -507,7 +488,7 @@ def psroi_pool_backward(backend, geo, grad_output, input, rois, trans=None, coun
     if n and (grad_input is not None or grad_trans is not None):
         if count is None:
             count = psroi_pool_forward(backend, geo, input, rois, trans)[1]
-        grad_output, input, rois, trans = _contiguous(xp, grad_output, input, rois, trans)
+        grad_output, input, rois, trans = _kernels.contiguous(xp, grad_output, input, rois, trans)
         count = xp.ascontiguousarray(count.astype(acc, copy=False))
         bits, args = _psroi_bits(geo), _psroi_args(geo)
         if grad_input is not None and deterministic:

@@ -45,7 +45,8 @@ def pair(value, name, minimum):
         except TypeError:
             items = None
         if (items is None or len(items) != 2
-                or not all(isinstance(v, numbers.Integral) and not isinstance(v, bool) for v in items)):
+                or not all(isinstance(v, numbers.Integral) and not isinstance(v, bool)
+                           for v in items)):
             raise TypeError(f"{name} must be an int or a pair of ints, got {value!r}")
         result = (int(items[0]), int(items[1]))
     if min(result) < minimum:

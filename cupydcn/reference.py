@@ -207,7 +207,8 @@ def deform_conv2d(input, offset, weight, bias=None, stride=(1, 1), padding=(0, 0
     input, offset, weight, bias, mask = map(_f64, (input, offset, weight, bias, mask))
     geo = _conv_geometry(input, offset, weight, stride, padding, dilation)
     out = np.zeros((geo.batch, geo.out_channels, geo.out_h, geo.out_w))
-    w_groups = weight.reshape(geo.groups, geo.out_channels // geo.groups, int(np.prod(weight.shape[1:])))
+    w_groups = weight.reshape(geo.groups, geo.out_channels // geo.groups,
+                              int(np.prod(weight.shape[1:])))
     for b in range(geo.batch):
         cols = _conv_columns(*_conv_image(input, offset, mask, b, geo))
         # (C, kh*kw, Ho*Wo) -> (groups, C/groups*kh*kw, Ho*Wo), rows ordered as weight's.
@@ -263,7 +264,8 @@ def deform_conv2d_backward(grad_output, input, offset, weight, bias=None, stride
         _f64, (grad_output, input, offset, weight, bias, mask))
     geo = _conv_geometry(input, offset, weight, stride, padding, dilation)
     dg, hw = geo.offset_groups, geo.height * geo.width
-    w_groups = weight.reshape(geo.groups, geo.out_channels // geo.groups, int(np.prod(weight.shape[1:])))
+    w_groups = weight.reshape(geo.groups, geo.out_channels // geo.groups,
+                              int(np.prod(weight.shape[1:])))
     grad_input = np.zeros(input.shape)
     grad_offset = np.zeros((geo.batch, dg, geo.taps, 2, geo.out_h, geo.out_w))
     grad_weight = np.zeros(w_groups.shape)
