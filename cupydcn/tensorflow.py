@@ -1,0 +1,411 @@
+"""TensorFlow bridge: cupydcn's ops as differentiable TensorFlow functions.
+
+Only DLPack and autograd live here (no numerics): each op hands its tensors to
+the array-in, array-out core (``cupydcn.deform_conv2d`` and friends) and wires
+the core's explicit backward into ``tf.custom_gradient``.
+
+* GPU tensors go to CuPy without a copy through a DLPack capsule
+  (``tf.experimental.dlpack.to_dlpack`` -> ``cupy.from_dlpack``) and results come
+  back the same way. TensorFlow's DLPack export has no stream handshake, so the
+  bridge waits for TensorFlow's pending GPU work before the kernels read its
+  tensors and for CuPy's stream before TensorFlow reads the results.
+* CPU tensors go to the NumPy reference without a copy (``numpy.from_dlpack``
+  of the tensor); results return through a NumPy DLPack capsule when their
+  memory has the 64-byte alignment TensorFlow's kernels need, else as a copy.
+* bfloat16, which neither NumPy nor CuPy import through DLPack, travels as its
+  uint16 bit pattern (``tf.bitcast``) and is viewed as ``ml_dtypes.bfloat16``.
+* Inside ``tf.function`` (Keras ``model.fit``) the core runs in a
+  ``tf.py_function``; such graphs cannot be XLA-compiled.
+
+Layouts: ``data_format="channels_last"`` (the default, TensorFlow's NHWC) or
+``"channels_first"`` (NCHW). The kernels are NCHW, so channels_last arrays are
+transposed around the core call. Weights are always in torchvision's layout
+``(Cout, C/groups, kh, kw)``, whatever the data format (``cupydcn.keras``
+converts Keras's ``(kh, kw, C/groups, Cout)`` kernels). Numbers, offset
+channel order and gradients are those of SEMANTICS.md; validation messages are
+the core's (shapes named in NCHW terms).
+
+Example:
+    >>> import tensorflow as tf, cupydcn.tensorflow as dcn
+    >>> x = tf.random.normal((2, 16, 16, 8))                  # NHWC
+    >>> offset = tf.zeros((2, 16, 16, 2 * 3 * 3))              # (B, Ho, Wo, 2*dg*kh*kw)
+    >>> w = tf.random.normal((4, 8, 3, 3))                     # (Cout, C/groups, kh, kw)
+    >>> with tf.GradientTape() as tape:
+    ...     tape.watch([x, offset, w])
+    ...     y = dcn.deform_conv2d(x, offset, w, padding=1)      # (2, 16, 16, 4)
+    >>> gx, goff, gw = tape.gradient(y, [x, offset, w])
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import numpy
+import tensorflow as tf
+
+from cupydcn import _deform_conv, _roi_pool, _validation
+
+__all__ = ["deform_conv2d", "deform_psroi_pool", "deform_roi_pool"]
+
+_DL_CUDA, _DL_CUDA_MANAGED = 2, 13
+_TO_NCHW = (0, 3, 1, 2)
+_TO_NHWC = (0, 2, 3, 1)
+# TensorFlow's kernels assume tensor memory aligned to 64 bytes (Eigen) and abort
+# the process otherwise; DLPack imports do not check, so results are checked here.
+_ALIGNMENT = 64
+
+
+# --------------------------------------------------------------------------
+# DLPack exchange
+# --------------------------------------------------------------------------
+
+
+def _on_gpu(t):
+    return int(t.__dlpack_device__()[0]) in (_DL_CUDA, _DL_CUDA_MANAGED)
+
+
+def _bfloat16():
+    import ml_dtypes
+
+    return numpy.dtype(ml_dtypes.bfloat16)
+
+
+def _to_core(t):
+    """An eager tensor as a CuPy (GPU) or NumPy (CPU) array sharing its memory."""
+    bits = t.dtype == tf.bfloat16
+    source = tf.bitcast(t, tf.uint16) if bits else t
+    if _on_gpu(t):
+        # A capsule, not the tensor: TensorFlow's __dlpack__ refuses the stream
+        # argument that cupy.from_dlpack passes.
+        array = _cupy().from_dlpack(tf.experimental.dlpack.to_dlpack(source))
+    else:
+        array = numpy.from_dlpack(source)
+    return array.view(_bfloat16()) if bits else array
+
+
+def _from_core(a):
+    """A core result (CuPy or NumPy array) as an eager tensor sharing its memory."""
+    if a is None:
+        return None
+    xp = numpy if isinstance(a, numpy.ndarray) else _cupy()
+    a = xp.ascontiguousarray(a)  # TensorFlow takes only compact row-major DLPack tensors
+    bits = a.dtype == _bfloat16()
+    if bits:
+        a = a.view(numpy.uint16)
+    if xp is numpy:
+        if a.ctypes.data % _ALIGNMENT:
+            t = tf.convert_to_tensor(a)  # a copy, which TensorFlow aligns
+        else:
+            t = tf.experimental.dlpack.from_dlpack(a.__dlpack__())
+    else:
+        if a.data.ptr % _ALIGNMENT:
+            a = a.copy()  # CuPy's memory pool hands out aligned blocks
+        # TensorFlow reads the result on its own stream: let CuPy's work finish.
+        xp.cuda.get_current_stream().synchronize()
+        t = tf.experimental.dlpack.from_dlpack(a.__dlpack__())
+    return tf.bitcast(t, tf.bfloat16) if bits else t
+
+
+def _cupy():
+    import cupy
+
+    return cupy
+
+
+def _core_call(function, tensors):
+    """``function`` applied to ``tensors`` (eager, None allowed) as core arrays;
+    its result (an array, or a tuple of arrays and None) back as tensors."""
+    present = [t for t in tensors if t is not None]
+    if any(_on_gpu(t) for t in present):
+        # DLPack export carries no stream: wait for TensorFlow's queued GPU work.
+        tf.test.experimental.sync_devices()
+    result = function(*(None if t is None else _to_core(t) for t in tensors))
+    if isinstance(result, tuple):
+        return [_from_core(r) for r in result]
+    return _from_core(result)
+
+
+def _run(function, tensors, dtypes, shapes):
+    """``_core_call`` eagerly, or as a ``tf.py_function`` inside a graph.
+
+    ``tensors`` holds no None; ``dtypes`` and ``shapes`` describe the outputs
+    (a list: the function returns a list of tensors).
+    """
+    if tf.executing_eagerly():
+        return _core_call(function, tensors)
+    outputs = tf.py_function(lambda *ts: _core_call(function, ts), list(tensors), list(dtypes))
+    for output, shape in zip(outputs, shapes):
+        output.set_shape(shape)
+    return outputs
+
+
+def _differentiable(forward, backward, names, tensors, out_shape, saved=(), constant=()):
+    """A ``tf.custom_gradient`` op over the tensors that are not None.
+
+    ``forward(**arrays)`` returns ``(output, *saved_arrays)``; ``saved`` lists
+    the ``(dtype, shape)`` of those saved arrays (the output has the first
+    tensor's dtype and ``out_shape``). ``backward(grad_output, *saved_arrays,
+    **arrays)`` returns a mapping from the names not in ``constant`` to
+    gradient arrays; the ``constant`` ones (rois) get no gradient (None).
+    """
+    names = [n for n, t in zip(names, tensors) if t is not None]
+    tensors = [t for t in tensors if t is not None]
+
+    @tf.custom_gradient
+    def op(*xs):
+        def run_forward(*arrays):
+            return tuple(forward(**dict(zip(names, arrays))))
+
+        out, *kept = _run(run_forward, xs, [xs[0].dtype, *(d for d, _ in saved)],
+                          [out_shape, *(s for _, s in saved)])
+
+        def grad(dy):
+            def run_backward(dy_array, *arrays):
+                g = backward(dy_array, *arrays[:len(kept)], **dict(zip(names, arrays[len(kept):])))
+                return tuple(g[n] for n in wanted)
+
+            wanted = [n for n in names if n not in constant]
+            results = dict(zip(wanted, _run(
+                run_backward, [dy, *kept, *xs],
+                [x.dtype for n, x in zip(names, xs) if n in wanted],
+                [x.shape for n, x in zip(names, xs) if n in wanted])))
+            return [results.get(n) for n in names]
+
+        return out, grad
+
+    return op(*tensors)
+
+
+# The ops are plain Python around custom_gradient and py_function: autograph,
+# which tf.function applies to what it calls, need not rewrite them.
+_plain_python = tf.autograph.experimental.do_not_convert
+
+
+# --------------------------------------------------------------------------
+# Layout and validation glue
+# --------------------------------------------------------------------------
+
+
+def _channels_last(data_format):
+    if data_format not in ("channels_last", "channels_first"):
+        raise ValueError(f"data_format must be 'channels_last' or 'channels_first', "
+                         f"got {data_format!r}")
+    return data_format == "channels_last"
+
+
+def _tensor(x):
+    return None if x is None else tf.convert_to_tensor(x)
+
+
+def _nchw(x, name, layout):
+    """A channels_last 4-D tensor transposed to NCHW (rank checked first)."""
+    if x is None:
+        return None
+    if x.shape.is_fully_defined():  # else tf.transpose checks a known rank
+        _validation.check_rank(x, name, layout)
+    return tf.transpose(x, _TO_NCHW)
+
+
+def _fully_defined(*tensors):
+    return all(t is None or t.shape.is_fully_defined() for t in tensors)
+
+
+class _Spec(NamedTuple):
+    """A tensor's shape and NumPy dtype, what the shared validation reads, so
+    its messages name dtypes as they do for NumPy and CuPy arrays."""
+    shape: tuple
+    dtype: numpy.dtype
+
+
+def _spec(t):
+    if t is None:
+        return None
+    return _Spec(tuple(t.shape.as_list()), numpy.dtype(t.dtype.as_numpy_dtype))
+
+
+def _static_check(check, channels_last, *args, **kwargs):
+    """The core's validation where the shapes are known (always in eager mode),
+    so that errors surface at the call; in NCHW terms for channels_last."""
+    args = [_spec(a) if isinstance(a, tf.Tensor) else a for a in args]
+    kwargs = {k: _spec(v) if isinstance(v, tf.Tensor) else v for k, v in kwargs.items()}
+    try:
+        return check(*args, **kwargs)
+    except (TypeError, ValueError) as error:
+        if channels_last:
+            raise type(error)(f"{error} (shapes in NCHW terms: the channels_last arrays "
+                              "are transposed to NCHW for the kernels)") from error
+        raise
+
+
+# --------------------------------------------------------------------------
+# Deformable convolution
+# --------------------------------------------------------------------------
+
+
+@_plain_python
+def deform_conv2d(input, offset, weight, bias=None, stride=1, padding=0, dilation=1, mask=None,
+                  data_format="channels_last"):
+    """Deformable convolution v1, or v2 with ``mask``, differentiable in all inputs.
+
+    ``cupydcn.deform_conv2d``'s numbers (torchvision's, SEMANTICS.md s. 1) on
+    TensorFlow tensors, CUDA kernels on the GPU and the NumPy reference on the
+    CPU, without copies.
+
+    Args:
+        input: (B, H, W, C) tensor, or (B, C, H, W) with channels_first.
+        offset: (B, Ho, Wo, 2*dg*kh*kw) tensor, or (B, 2*dg*kh*kw, Ho, Wo);
+            channel ``2*(g*kh*kw + k)`` is dy and ``+1`` is dx of tap k of
+            offset group g.
+        weight: (Cout, C/groups, kh, kw) tensor, torchvision's layout for both
+            data formats.
+        bias: (Cout,) tensor or None.
+        stride, padding, dilation: int or (h, w) pair (symmetric zero padding).
+        mask: (B, Ho, Wo, dg*kh*kw) tensor, or (B, dg*kh*kw, Ho, Wo), or None (v1).
+        data_format: "channels_last" (default) or "channels_first".
+
+    Returns:
+        (B, Ho, Wo, Cout) tensor, or (B, Cout, Ho, Wo) with channels_first.
+    """
+    channels_last = _channels_last(data_format)
+    stride = _validation.pair(stride, "stride", 1)
+    padding = _validation.pair(padding, "padding", 0)
+    dilation = _validation.pair(dilation, "dilation", 1)
+    input, offset, weight, bias, mask = map(_tensor, (input, offset, weight, bias, mask))
+    if channels_last:
+        input = _nchw(input, "input", "(B, H, W, C)")
+        offset = _nchw(offset, "offset", "(B, Ho, Wo, 2*offset_groups*kh*kw)")
+        mask = _nchw(mask, "mask", "(B, Ho, Wo, offset_groups*kh*kw)")
+    params = dict(stride=stride, padding=padding, dilation=dilation)
+    tensors = (input, offset, weight, bias, mask)
+    if _fully_defined(*tensors):
+        _static_check(_validation.check_deform_conv2d, channels_last, input, offset, weight,
+                      bias, mask=mask, **params)
+    out_shape = tf.TensorShape([input.shape[0], weight.shape[0], *offset.shape[2:]])
+
+    def forward(input, offset, weight, bias=None, mask=None):
+        return (_deform_conv.deform_conv2d(input, offset, weight, bias, mask=mask, **params),)
+
+    def backward(grad_output, input, offset, weight, bias=None, mask=None):
+        grads = _deform_conv.deform_conv2d_backward(grad_output, input, offset, weight, bias,
+                                                    mask=mask, **params)
+        return grads._asdict()
+
+    out = _differentiable(forward, backward, ("input", "offset", "weight", "bias", "mask"),
+                          tensors, out_shape)
+    return tf.transpose(out, _TO_NHWC) if channels_last else out
+
+
+# --------------------------------------------------------------------------
+# Deformable RoI pooling
+# --------------------------------------------------------------------------
+
+
+@_plain_python
+def deform_roi_pool(input, rois, offset=None, output_size=7, spatial_scale=1.0, sampling_ratio=0,
+                    gamma=0.1, mask=None, data_format="channels_last"):
+    """Deformable RoI pooling, RoIAlign style (mmcv's), or modulated with ``mask``;
+    differentiable in ``input``, ``offset`` and ``mask`` (not in ``rois``).
+
+    ``cupydcn.deform_roi_pool``'s numbers (SEMANTICS.md s. 2) on TensorFlow
+    tensors. Without offset and mask this is RoIAlign with ``aligned=True``.
+
+    Args:
+        input: (N, H, W, C) tensor, or (N, C, H, W) with channels_first.
+        rois: (R, 5) tensor of the input's dtype, rows ``[batch_index, x1, y1, x2, y2]``
+            in image coordinates.
+        offset: (R, ph, pw, 2) tensor, or (R, 2, ph, pw) with channels_first
+            (channel 0 moves x, channel 1 moves y, in units of ``gamma*roi_size``),
+            or None.
+        output_size: int or (ph, pw).
+        spatial_scale: float, image -> feature map coordinates.
+        sampling_ratio: int, samples per bin per axis (0 = adaptive).
+        gamma: float, the offset scale.
+        mask: (R, ph, pw, 1) tensor, or (R, 1, ph, pw), or None: multiplies each bin.
+        data_format: "channels_last" (default) or "channels_first".
+
+    Returns:
+        (R, ph, pw, C) tensor, or (R, C, ph, pw) with channels_first.
+    """
+    channels_last = _channels_last(data_format)
+    ph, pw = _validation.pair(output_size, "output_size", 1)
+    input, rois, offset, mask = map(_tensor, (input, rois, offset, mask))
+    if channels_last:
+        input = _nchw(input, "input", "(N, H, W, C)")
+        offset = _nchw(offset, "offset", "(R, ph, pw, 2)")
+        mask = _nchw(mask, "mask", "(R, ph, pw, 1)")
+    params = dict(output_size=(ph, pw), spatial_scale=spatial_scale,
+                  sampling_ratio=sampling_ratio, gamma=gamma)
+    tensors = (input, rois, offset, mask)
+    if _fully_defined(*tensors):
+        # rois[:, 0] is checked by the core, which reads the values
+        _static_check(_validation.check_deform_roi_pool, channels_last, input, rois, offset,
+                      mask=mask, check_batch=False, **params)
+    out_shape = tf.TensorShape([rois.shape[0], input.shape[1], ph, pw])
+
+    def forward(input, rois, offset=None, mask=None):
+        return (_roi_pool.deform_roi_pool(input, rois, offset, mask=mask, **params),)
+
+    def backward(grad_output, input, rois, offset=None, mask=None):
+        grads = _roi_pool.deform_roi_pool_backward(grad_output, input, rois, offset, mask=mask,
+                                                   **params)
+        return grads._asdict()
+
+    out = _differentiable(forward, backward, ("input", "rois", "offset", "mask"), tensors,
+                          out_shape, constant=("rois",))
+    return tf.transpose(out, _TO_NHWC) if channels_last else out
+
+
+@_plain_python
+def deform_psroi_pool(input, rois, trans=None, spatial_scale=1.0, output_dim=None, group_size=1,
+                      pooled_size=7, part_size=0, sample_per_part=4, trans_std=0.0,
+                      data_format="channels_last"):
+    """Deformable position-sensitive RoI pooling (the official DCN operator's,
+    R-FCN head); differentiable in ``input`` and ``trans`` (not in ``rois``).
+
+    ``cupydcn.deform_psroi_pool``'s numbers (SEMANTICS.md s. 3) on TensorFlow
+    tensors. The forward's sample count is kept for the backward.
+
+    Args:
+        input: (N, H, W, output_dim*group_size**2) tensor, or
+            (N, output_dim*group_size**2, H, W) with channels_first.
+        rois: (R, 5) tensor of the input's dtype, ``[batch_index, x1, y1, x2, y2]``.
+        trans: (R, part, part, 2*num_classes) tensor, or (R, 2*num_classes, part, part)
+            with channels_first (x at channel ``2*cls``, y at ``2*cls + 1``), or None.
+        spatial_scale, output_dim, group_size, pooled_size, part_size,
+            sample_per_part, trans_std: as for ``cupydcn.deform_psroi_pool``.
+        data_format: "channels_last" (default) or "channels_first".
+
+    Returns:
+        (R, pooled_size, pooled_size, output_dim) tensor, or
+        (R, output_dim, pooled_size, pooled_size) with channels_first.
+    """
+    channels_last = _channels_last(data_format)
+    input, rois, trans = map(_tensor, (input, rois, trans))
+    if channels_last:
+        input = _nchw(input, "input", "(N, H, W, output_dim*group_size**2)")
+        trans = _nchw(trans, "trans", "(R, part_size, part_size, 2*num_classes)")
+    params = dict(spatial_scale=spatial_scale, output_dim=output_dim, group_size=group_size,
+                  pooled_size=pooled_size, part_size=part_size,
+                  sample_per_part=sample_per_part, trans_std=trans_std)
+    tensors = (input, rois, trans)
+    if _fully_defined(*tensors):
+        geo = _static_check(_validation.check_deform_psroi_pool, channels_last, input, rois,
+                            trans, check_batch=False, **params)
+        params["output_dim"] = geo.output_dim
+    channels = params["output_dim"]
+    if channels is None and input.shape[1] is not None and isinstance(group_size, int):
+        channels = input.shape[1] // group_size**2
+    out_shape = tf.TensorShape([rois.shape[0], channels, pooled_size, pooled_size])
+    count_dtype = tf.as_dtype(_validation.dtype_of(_spec(input), "input").acc)
+
+    def forward(input, rois, trans=None):
+        return _roi_pool.deform_psroi_pool(input, rois, trans, return_count=True, **params)
+
+    def backward(grad_output, count, input, rois, trans=None):
+        grads = _roi_pool.deform_psroi_pool_backward(grad_output, input, rois, trans, count,
+                                                     **params)
+        return grads._asdict()
+
+    out = _differentiable(forward, backward, ("input", "rois", "trans"), tensors, out_shape,
+                          saved=[(count_dtype, out_shape)], constant=("rois",))
+    return tf.transpose(out, _TO_NHWC) if channels_last else out
