@@ -89,7 +89,7 @@ def deform_conv2d_backward(grad_output, input, offset, weight, bias=None, stride
         DeformConv2dGrads(input, offset, weight, bias, mask), each an array
         shaped like its argument, or None.
     """
-    wrt = _check_wrt(wrt, bias, mask)
+    wrt = _validation.check_wrt(wrt, GRADIENTS, bias=bias, mask=mask)
     call = _arrays.Call(input=input, grad_output=grad_output, offset=offset, weight=weight,
                         bias=bias, mask=mask)
     geo = _validation.check_deform_conv2d(call.input, call.offset, call.weight, call.bias,
@@ -111,20 +111,6 @@ def deform_conv2d_backward(grad_output, input, offset, weight, bias=None, stride
 
 def _is_empty(geo):
     return geo.B * geo.Cout * geo.Ho * geo.Wo == 0
-
-
-def _check_wrt(wrt, bias, mask):
-    if isinstance(wrt, str):
-        wrt = (wrt,)
-    wrt = frozenset(wrt)
-    unknown = wrt - set(GRADIENTS)
-    if unknown:
-        raise ValueError(f"wrt must name gradients among {GRADIENTS}, got {sorted(unknown)}")
-    if bias is None:
-        wrt -= {"bias"}
-    if mask is None:
-        wrt -= {"mask"}
-    return wrt
 
 
 class _Tile(NamedTuple):

@@ -127,7 +127,7 @@ def deform_roi_pool_backward(grad_output, input, rois, offset=None, output_size=
     Example:
         >>> grads = cupydcn.deform_roi_pool_backward(g, x, rois, offset, output_size=7)
     """
-    wrt = _check_wrt(wrt, ROI_GRADIENTS, offset=offset, mask=mask)
+    wrt = _validation.check_wrt(wrt, ROI_GRADIENTS, offset=offset, mask=mask)
     call = _arrays.Call(input=input, grad_output=grad_output, rois=rois, offset=offset,
                         mask=mask)
     geo = _validation.check_deform_roi_pool(call.input, call.rois, call.offset, output_size,
@@ -238,7 +238,7 @@ def deform_psroi_pool_backward(grad_output, input, rois, trans=None, count=None,
         >>> out, count = cupydcn.deform_psroi_pool(x, rois, trans, return_count=True)
         >>> grads = cupydcn.deform_psroi_pool_backward(g, x, rois, trans, count)
     """
-    wrt = _check_wrt(wrt, PSROI_GRADIENTS, trans=trans)
+    wrt = _validation.check_wrt(wrt, PSROI_GRADIENTS, trans=trans)
     call = _arrays.Call(input=input, grad_output=grad_output, rois=rois, trans=trans,
                         count=count)
     geo = _validation.check_deform_psroi_pool(call.input, call.rois, call.trans, spatial_scale,
@@ -264,17 +264,6 @@ def _psroi_keywords(geo):
                 group_size=geo.group_size, pooled_size=geo.pooled_size,
                 part_size=geo.part_size, sample_per_part=geo.sample_per_part,
                 trans_std=geo.trans_std)
-
-
-def _check_wrt(wrt, names, **optional):
-    """``wrt`` as a frozenset of ``names``, less the optional arrays not given."""
-    if isinstance(wrt, str):
-        wrt = (wrt,)
-    wrt = frozenset(wrt)
-    unknown = wrt - set(names)
-    if unknown:
-        raise ValueError(f"wrt must name gradients among {names}, got {sorted(unknown)}")
-    return wrt - {name for name, array in optional.items() if array is None}
 
 
 # ---- deterministic input gradients: sample chunks --------------------------

@@ -54,6 +54,18 @@ def pair(value, name, minimum):
     return result
 
 
+def check_wrt(wrt, names, **optional):
+    """``wrt`` (a gradient name or names among ``names``) as a frozenset, less
+    the optional arrays not given (``bias=None`` drops "bias")."""
+    if isinstance(wrt, str):
+        wrt = (wrt,)
+    wrt = frozenset(wrt)
+    unknown = wrt - set(names)
+    if unknown:
+        raise ValueError(f"wrt must name gradients among {tuple(names)}, got {sorted(unknown)}")
+    return wrt - {name for name, array in optional.items() if array is None}
+
+
 def check_rank(x, name, layout):
     shape = shape_of(x)
     rank = len(layout.split(","))

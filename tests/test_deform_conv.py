@@ -63,7 +63,8 @@ def run_kernels(backend, typed, params, wrt=_deform_conv.GRADIENTS):
                                           typed["bias"], mask=typed["mask"], **params)
     out = _deform_conv.forward(backend, geo, typed["input"], typed["offset"], typed["weight"],
                                typed["bias"], typed["mask"])
-    wrt = _deform_conv._check_wrt(wrt, typed["bias"], typed["mask"])
+    wrt = _validation.check_wrt(wrt, _deform_conv.GRADIENTS, bias=typed["bias"],
+                                     mask=typed["mask"])
     grads = _deform_conv.backward(backend, geo, typed["grad_output"], typed["input"],
                                   typed["offset"], typed["weight"], typed["mask"], wrt)
     return out, grads

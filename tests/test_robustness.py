@@ -277,7 +277,8 @@ def test_host_kernels_agree_with_reference_on_random_cases(host, case, seed, det
                                           typed["bias"], mask=typed["mask"], **params)
     out = _deform_conv.forward(host, geo, typed["input"], typed["offset"], typed["weight"],
                                typed["bias"], typed["mask"])
-    wrt = _deform_conv._check_wrt(_deform_conv.GRADIENTS, typed["bias"], typed["mask"])
+    wrt = _validation.check_wrt(_deform_conv.GRADIENTS, _deform_conv.GRADIENTS,
+                                bias=typed["bias"], mask=typed["mask"])
     grads = _deform_conv.backward(host, geo, typed["grad_output"], typed["input"],
                                   typed["offset"], typed["weight"], typed["mask"], wrt,
                                   deterministic)

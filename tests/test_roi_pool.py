@@ -239,7 +239,7 @@ def roi_run(backend, typed, case, wrt=_roi_pool.ROI_GRADIENTS, deterministic=Fal
                                             check_batch=False, **roi_params(case))
     out = _roi_pool.roi_pool_forward(backend, geo, typed["input"], typed["rois"],
                                      typed["offset"], typed["mask"])
-    wrt = _roi_pool._check_wrt(wrt, _roi_pool.ROI_GRADIENTS, offset=typed["offset"],
+    wrt = _validation.check_wrt(wrt, _roi_pool.ROI_GRADIENTS, offset=typed["offset"],
                                mask=typed["mask"])
     grads = _roi_pool.roi_pool_backward(backend, geo, typed["grad_output"], typed["input"],
                                         typed["rois"], typed["offset"], typed["mask"], wrt,
@@ -665,7 +665,7 @@ def ps_run(backend, typed, case, wrt=_roi_pool.PSROI_GRADIENTS, pass_count=True,
                                               check_batch=False, **ps_params(case))
     out, count = _roi_pool.psroi_pool_forward(backend, geo, typed["input"], typed["rois"],
                                               typed["trans"])
-    wrt = _roi_pool._check_wrt(wrt, _roi_pool.PSROI_GRADIENTS, trans=typed["trans"])
+    wrt = _validation.check_wrt(wrt, _roi_pool.PSROI_GRADIENTS, trans=typed["trans"])
     grads = _roi_pool.psroi_pool_backward(backend, geo, typed["grad_output"], typed["input"],
                                           typed["rois"], typed["trans"],
                                           count if pass_count else None, wrt, deterministic)
