@@ -367,3 +367,57 @@ def test_gpu_each_call_stays_on_its_inputs_device(gpu):
                                                **params)
     assert out.device.id == 1 and grads.input.device.id == 1
     assert_close(out, reference_results(exact, params)[0], numpy.float32)
+
+
+@pytest.mark.gpu
+def test_gpu_columns_past_2_31_match_the_reference_on_a_window(gpu):
+    """B=1, C=256, 3x3 at 1024x1024 (columns of 2.4e9 elements), processed in
+    row chunks within a 64 MiB workspace, against the reference on windows.
+
+    With |offset| < m, the input rows [r0-1-m, r0+h+1+m) and padding 0 give the
+    window's output pixels exactly the same sampling positions, so the
+    reference can run on that crop; the forward, grad_offset and grad_mask of
+    a pixel depend only on its own samples and grad_output."""
+    import cupy
+
+    B, C, H, W, m, h = 1, 256, 1024, 1024, 2, 4
+    rng = numpy.random.default_rng(5)
+    pool = cupy.get_default_memory_pool()
+    dev = {
+        "input": cupy.random.default_rng(1).standard_normal((B, C, H, W), dtype=cupy.float32),
+        "offset": cupy.asarray(rng.uniform(-1.9, 1.9, (B, 18, H, W)).astype(numpy.float32)),
+        "mask": cupy.asarray(rng.uniform(0, 1, (B, 9, H, W)).astype(numpy.float32)),
+        "weight": cupy.asarray(rng.standard_normal((8, C, 3, 3)).astype(numpy.float32) / 48),
+        "grad_output": cupy.asarray(rng.standard_normal((B, 8, H, W)).astype(numpy.float32)),
+    }
+    previous = cupydcn.set_workspace_limit(64 * 2**20)
+    pool.free_all_blocks()
+    before = pool.total_bytes()
+    try:
+        out = cupydcn.deform_conv2d(dev["input"], dev["offset"], dev["weight"], padding=1,
+                                    mask=dev["mask"])
+        grads = cupydcn.deform_conv2d_backward(dev["grad_output"], dev["input"], dev["offset"],
+                                               dev["weight"], padding=1, mask=dev["mask"],
+                                               wrt=("offset", "mask"))
+        cupy.cuda.Device().synchronize()
+    finally:
+        cupydcn.set_workspace_limit(previous)
+    grown = pool.total_bytes() - before
+    results = out.nbytes + grads.offset.nbytes + grads.mask.nbytes
+    # results + two workspace-sized buffers (columns, their gradient) + slack
+    assert grown <= results + 4 * 64 * 2**20, (grown, results)
+    for r0, c0 in ((0 + 1 + m, 1 + m), (517, 3), (H - h - 1 - m, W - h - 1 - m)):
+        rows, cols = slice(r0 - 1 - m, r0 + h + 1 + m), slice(c0 - 1 - m, c0 + h + 1 + m)
+        win_r, win_c = slice(r0 - m, r0 + h + m), slice(c0 - m, c0 + h + m)
+        crop = {k: dev[k][:, :, rows, cols].get().astype(numpy.float64) for k in ("input",)}
+        for k in ("offset", "mask", "grad_output"):
+            crop[k] = dev[k][:, :, win_r, win_c].get().astype(numpy.float64)
+        weight = dev["weight"].get().astype(numpy.float64)
+        ref = reference.deform_conv2d(crop["input"], crop["offset"], weight, mask=crop["mask"])
+        ref_grads = reference.deform_conv2d_backward(crop["grad_output"], crop["input"],
+                                                     crop["offset"], weight, mask=crop["mask"])
+        inner = (slice(None), slice(None), slice(m, m + h), slice(m, m + h))
+        window = (slice(None), slice(None), slice(r0, r0 + h), slice(c0, c0 + h))
+        assert_close(out[window], ref[inner], numpy.float32, "forward")
+        assert_close(grads.offset[window], ref_grads[1][inner], numpy.float32, "grad_offset")
+        assert_close(grads.mask[window], ref_grads[4][inner], numpy.float32, "grad_mask")
