@@ -421,3 +421,71 @@ def test_gpu_columns_past_2_31_match_the_reference_on_a_window(gpu):
         assert_close(out[window], ref[inner], numpy.float32, "forward")
         assert_close(grads.offset[window], ref_grads[1][inner], numpy.float32, "grad_offset")
         assert_close(grads.mask[window], ref_grads[4][inner], numpy.float32, "grad_mask")
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(data=st.data())
+def test_roi_validation_raises_only_documented_errors(data):
+    dim = st.integers(0, 4)
+    shape = lambda rank: st.lists(dim, min_size=rank, max_size=rank).map(tuple)  # noqa: E731
+    dtypes = st.sampled_from([numpy.float32, numpy.float64, numpy.int64])
+    values = st.sampled_from([0.0, 1.0, -1.0, 2.5, numpy.nan, 1e30])
+    arrays = {}
+    for name, rank in (("input", [3, 4, 4]), ("rois", [1, 2, 2, 3]), ("offset", [4, 4, 3]),
+                       ("trans", [4, 4, 3])):
+        full = numpy.full(data.draw(shape(data.draw(st.sampled_from(rank)))), data.draw(values))
+        with numpy.errstate(invalid="ignore"):  # NaN into an int array is fine here
+            arrays[name] = full.astype(data.draw(dtypes))
+    number = st.sampled_from([0, 1, 2, -1, 0.5, numpy.nan, numpy.inf])
+    try:
+        cupydcn.deform_roi_pool(arrays["input"], arrays["rois"],
+                                data.draw(st.none() | st.just(arrays["offset"])),
+                                output_size=data.draw(st.integers(-1, 3)),
+                                spatial_scale=data.draw(number),
+                                sampling_ratio=data.draw(st.integers(-1, 2)),
+                                gamma=data.draw(number))
+    except DOCUMENTED_ERRORS as error:
+        assert str(error)
+    try:
+        cupydcn.deform_psroi_pool(arrays["input"], arrays["rois"],
+                                  data.draw(st.none() | st.just(arrays["trans"])),
+                                  spatial_scale=data.draw(number),
+                                  group_size=data.draw(st.integers(0, 2)),
+                                  pooled_size=data.draw(st.integers(0, 3)),
+                                  part_size=data.draw(st.integers(-1, 2)),
+                                  sample_per_part=data.draw(st.integers(0, 2)),
+                                  trans_std=data.draw(number))
+    except DOCUMENTED_ERRORS as error:
+        assert str(error)
+
+
+@settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(seed=st.integers(0, 2**16), R=st.integers(0, 5), ph=st.integers(1, 3),
+       pw=st.integers(1, 3), sampling_ratio=st.integers(0, 2),
+       scale=st.sampled_from([0.5, 1.0]), modulated=st.booleans(),
+       deterministic=st.booleans())
+def test_host_roi_kernels_agree_with_reference_on_random_cases(host, seed, R, ph, pw,
+                                                               sampling_ratio, scale, modulated,
+                                                               deterministic):
+    from cupydcn import _roi_pool
+
+    rng = numpy.random.default_rng(seed)
+    feat = rng.standard_normal((2, 3, 7, 9))
+    corners = numpy.sort(rng.uniform(-4, 12, (R, 2, 2)), axis=1) / scale
+    rois = numpy.column_stack([rng.integers(0, 2, R), corners[:, 0, 0], corners[:, 0, 1],
+                               corners[:, 1, 0], corners[:, 1, 1]]).reshape(R, 5)
+    offset = rng.uniform(-0.4, 0.4, (R, 2, ph, pw))
+    mask = rng.uniform(0, 1, (R, 1, ph, pw)) if modulated else None
+    grad = rng.standard_normal((R, 3, ph, pw))
+    params = dict(output_size=(ph, pw), spatial_scale=scale, sampling_ratio=sampling_ratio,
+                  gamma=0.1)
+    geo = _validation.check_deform_roi_pool(feat, rois, offset, mask=mask, **params)
+    out = _roi_pool.roi_pool_forward(host, geo, feat, rois, offset, mask)
+    grads = _roi_pool.roi_pool_backward(host, geo, grad, feat, rois, offset, mask,
+                                        deterministic=deterministic)
+    assert_close(out, reference.deform_roi_pool(feat, rois, offset, mask=mask, **params),
+                 numpy.float64, "forward")
+    ref_grads = reference.deform_roi_pool_backward(grad, feat, rois, offset, mask=mask, **params)
+    for name, got, ref in zip(_roi_pool.ROI_GRADIENTS, grads, ref_grads):
+        if ref is not None:
+            assert_close(got, ref, numpy.float64, name)
