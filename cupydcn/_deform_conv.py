@@ -165,7 +165,7 @@ def forward(backend, geo, input, offset, weight, bias=None, mask=None):
     """The kernel path of deform_conv2d on ``backend`` (validated arguments)."""
     xp = backend.xp
     acc = geo.dtype.acc
-    out = xp.empty((geo.B, geo.Cout, geo.Ho, geo.Wo), geo.dtype.dtype)
+    out = _config.empty(xp, (geo.B, geo.Cout, geo.Ho, geo.Wo), geo.dtype.dtype)
     if out.size == 0:
         return out
     input, offset, mask = _kernels.contiguous(xp, input, offset, mask)
