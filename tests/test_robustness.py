@@ -292,9 +292,11 @@ def test_host_kernels_agree_with_reference_on_random_cases(host, case, seed, det
 
 @pytest.mark.gpu
 def test_gpu_threads_on_their_own_streams(gpu):
-    """Eight threads, each on its own non-blocking stream, at once."""
+    """Eight threads, each on its own non-blocking stream, at once, starting
+    from an empty module cache so that they also compile concurrently."""
     import cupy
 
+    gpu._modules.clear()
     cases = [make_case(CASES[i % 3], numpy.float32, seed=i) for i in range(8)]
     expected = [reference_results(exact, params) for _, exact, params in cases]
     results, errors = [None] * len(cases), []
