@@ -17,6 +17,8 @@ import sys
 
 import numpy
 
+from cupydcn import _dtypes
+
 _DL_CPU, _DL_CUDA, _DL_CUDA_HOST, _DL_CUDA_MANAGED = 1, 2, 3, 13
 
 
@@ -51,6 +53,22 @@ def _where(x, name):
 
 def _describe(where):
     return "the CPU" if where[0] == "cpu" else f"cuda:{where[1]}"
+
+
+def _foreign_bfloat16(x):
+    """``x``'s bfloat16 dtype when ``x`` is a bfloat16 array of a library other
+    than NumPy/CuPy that can reinterpret its bits (``x.view(dtype)``), else None."""
+    if isinstance(x, numpy.ndarray) or _is_cupy(x) or not hasattr(x, "view"):
+        return None
+    dtype = getattr(x, "dtype", None)
+    return dtype if str(dtype).rsplit(".", 1)[-1] == "bfloat16" else None
+
+
+def _library(x):
+    namespace = getattr(x, "__array_namespace__", None)
+    if namespace is not None:
+        return namespace()
+    return sys.modules[type(x).__module__.split(".")[0]]
 
 
 def _returner(x):
@@ -96,6 +114,7 @@ class Call:
         self.on_gpu = where is not None and where[0] == "cuda"
         self.device_id = where[1] if self.on_gpu else None
         self._return = _returner(arrays[first_name])
+        self._bfloat16 = _foreign_bfloat16(arrays[first_name])
         self.names = tuple(arrays)
         with self.device():
             for name, x in arrays.items():
@@ -104,9 +123,12 @@ class Call:
     def _convert(self, x):
         if isinstance(x, numpy.ndarray) or _is_cupy(x):
             return x
-        if self.on_gpu:
-            return _cupy().from_dlpack(x)
-        return numpy.from_dlpack(x)
+        from_dlpack = _cupy().from_dlpack if self.on_gpu else numpy.from_dlpack
+        if _foreign_bfloat16(x) is not None:
+            # NumPy's DLPack has no bfloat16: the bits cross as int16 and are
+            # reinterpreted on each side, still without a copy
+            return from_dlpack(x.view(_library(x).int16)).view(_dtypes.BFLOAT16)
+        return from_dlpack(x)
 
     def device(self):
         if self.on_gpu:
@@ -118,4 +140,6 @@ class Call:
             return None
         if isinstance(result, tuple):
             return type(result)(*(self.wrap(r) for r in result))
+        if self._bfloat16 is not None and result.dtype == _dtypes.BFLOAT16:
+            return self._return(result.view(numpy.int16)).view(self._bfloat16)
         return self._return(result)

@@ -41,6 +41,7 @@ def _table():
 
 
 DTYPES = _table()
+BFLOAT16 = None if ml_dtypes is None else numpy.dtype(ml_dtypes.bfloat16)
 SUPPORTED = ", ".join(row.name for row in DTYPES.values())
 
 # Index types: the kernels are instantiated for 32- and 64-bit indices; the

@@ -495,3 +495,24 @@ def test_gpu_deterministic_backward_is_bit_identical(gpu, dtype, record_error):
             numpy.testing.assert_array_equal(to_numpy(getattr(other, name)), first, err_msg=name)
         record_error(dtype_name(dtype), f"deform_conv2d deterministic grad_{name}",
                      assert_close(first, getattr(ref_grads, name), dtype, name))
+
+
+@pytest.mark.parametrize("dtype_name", ["bfloat16", "float32"])
+def test_torch_cpu_tensors_through_the_core_api(dtype_name):
+    """A CPU tensor of another library goes in without a copy and comes back in
+    its library, bfloat16 included (NumPy's DLPack has no bfloat16)."""
+    torch = pytest.importorskip("torch", reason="the foreign-library case uses torch's CPU build")
+    from cupydcn import _arrays
+
+    dtype = getattr(torch, dtype_name)
+    typed, exact, params = make_case(CASES[0], numpy.float32)
+    tensors = {k: None if v is None else torch.from_numpy(v).to(dtype) for k, v in typed.items()}
+    call = _arrays.Call(input=tensors["input"])
+    assert call.input.ctypes.data == tensors["input"].data_ptr()
+    assert call.input.dtype.name == dtype_name
+    out = cupydcn.deform_conv2d(tensors["input"], tensors["offset"], tensors["weight"],
+                                tensors["bias"], mask=tensors["mask"], **params)
+    assert isinstance(out, torch.Tensor) and out.dtype == dtype
+    exact = {k: None if v is None else v.to(torch.float64).numpy() for k, v in tensors.items()}
+    ref_out, _ = reference_results(exact, params)
+    assert_close(out.to(torch.float64).numpy(), ref_out, _dtypes.lookup(dtype_name).dtype)
