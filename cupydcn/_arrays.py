@@ -115,7 +115,6 @@ class Call:
         self.device_id = where[1] if self.on_gpu else None
         self._return = _returner(arrays[first_name])
         self._bfloat16 = _foreign_bfloat16(arrays[first_name])
-        self.names = tuple(arrays)
         with self.device():
             for name, x in arrays.items():
                 setattr(self, name, None if x is None else self._convert(x))
