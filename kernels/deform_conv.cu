@@ -21,6 +21,18 @@
 // the loader when an element count may pass 2^31), every pointer to an
 // optional array (mask, grad_offset, grad_mask) may be null.
 
+// The sampling position of tap k = (i, j) for output pixel (oy, ox)
+// (SEMANTICS.md section 1); ``off`` points at that pixel in offset channel 0 of
+// its image and offset group. Every kernel here uses this one function, so the
+// key and gather kernels of the deterministic backward see identical positions.
+template <typename T, typename I, typename A>
+__device__ __forceinline__ void dcn_conv_position(const T* off, I pixels, I k, I i, I j, I oy,
+                                                  I ox, I stride_h, I stride_w, I pad_h,
+                                                  I pad_w, I dil_h, I dil_w, A* y, A* x) {
+  *y = (A)(oy * stride_h - pad_h + i * dil_h) + dcn_load(off[2 * k * pixels]);
+  *x = (A)(ox * stride_w - pad_w + j * dil_w) + dcn_load(off[(2 * k + 1) * pixels]);
+}
+
 template <typename T, typename I>
 __global__ void deform_im2col(const T* __restrict__ input, const T* __restrict__ offset,
                               const T* __restrict__ mask,
@@ -51,8 +63,9 @@ __global__ void deform_im2col(const T* __restrict__ input, const T* __restrict__
     for (I i = 0; i < kh; ++i) {
       for (I j = 0; j < kw; ++j) {
         const I k = i * kw + j;
-        const A y = (A)(oy * stride_h - pad_h + i * dil_h) + dcn_load(off[2 * k * pixels]);
-        const A x = (A)(ox * stride_w - pad_w + j * dil_w) + dcn_load(off[(2 * k + 1) * pixels]);
+        A y, x;
+        dcn_conv_position(off, pixels, k, i, j, oy, ox, stride_h, stride_w, pad_h,
+                          pad_w, dil_h, dil_w, &y, &x);
         A v = dcn_conv_bilinear(plane, H, W, y, x);
         if (msk) v *= dcn_load(msk[k * pixels]);
         col[k * ncols] = v;
@@ -86,8 +99,9 @@ __global__ void deform_col2im(const typename dcn_acc<T>::type* __restrict__ grad
     const I g = c / channels_per_group;
     const I pixels = Ho * Wo;
     const T* off = offset + (b * offset_groups + g) * 2 * taps * pixels + oy * Wo + ox;
-    const A y = (A)(oy * stride_h - pad_h + i * dil_h) + dcn_load(off[2 * k * pixels]);
-    const A x = (A)(ox * stride_w - pad_w + j * dil_w) + dcn_load(off[(2 * k + 1) * pixels]);
+    A y, x;
+    dcn_conv_position(off, pixels, k, i, j, oy, ox, stride_h, stride_w, pad_h,
+                      pad_w, dil_h, dil_w, &y, &x);
     if (!(y > (A)-1 && y < (A)H && x > (A)-1 && x < (A)W)) continue;
     A grad = grad_columns[index];
     if (mask) grad *= dcn_load(mask[(b * offset_groups + g) * taps * pixels + k * pixels + oy * Wo + ox]);
@@ -130,8 +144,9 @@ __global__ void deform_col2im_coord(const typename dcn_acc<T>::type* __restrict_
     const I pixel = oy * Wo + ox;
     const I off_base = (b * offset_groups + g) * 2 * taps * pixels + pixel;
     const I mask_index = (b * offset_groups + g) * taps * pixels + k * pixels + pixel;
-    const A y = (A)(oy * stride_h - pad_h + i * dil_h) + dcn_load(offset[off_base + 2 * k * pixels]);
-    const A x = (A)(ox * stride_w - pad_w + j * dil_w) + dcn_load(offset[off_base + (2 * k + 1) * pixels]);
+    A y, x;
+    dcn_conv_position(offset + off_base, pixels, k, i, j, oy, ox, stride_h, stride_w, pad_h,
+                      pad_w, dil_h, dil_w, &y, &x);
     const A m = mask ? dcn_load(mask[mask_index]) : (A)1;
     A sum_dy = 0, sum_dx = 0, sum_mask = 0;
     for (I cg = 0; cg < channels_per_group; ++cg) {
@@ -193,8 +208,9 @@ __global__ void deform_sample_keys(const T* __restrict__ offset, long long* __re
     const I i = k / kw, j = k % kw;
     const I pixels = Ho * Wo;
     const T* off = offset + (b * offset_groups + g) * 2 * taps * pixels + oy * Wo + ox;
-    const A y = (A)(oy * stride_h - pad_h + i * dil_h) + dcn_load(off[2 * k * pixels]);
-    const A x = (A)(ox * stride_w - pad_w + j * dil_w) + dcn_load(off[(2 * k + 1) * pixels]);
+    A y, x;
+    dcn_conv_position(off, pixels, k, i, j, oy, ox, stride_h, stride_w, pad_h,
+                      pad_w, dil_h, dil_w, &y, &x);
     long long cell = cells - 1;
     if (y > (A)-1 && y < (A)H && x > (A)-1 && x < (A)W) {
       cell = ((long long)dcn_floor(y) + 1) * (W + 1) + ((long long)dcn_floor(x) + 1);
@@ -241,8 +257,9 @@ __global__ void deform_col2im_gather(const typename dcn_acc<T>::type* __restrict
         const I oy = oy0 + r;
         const I i = k / kw, j = k % kw;
         const I off_base = (b * offset_groups + g) * 2 * taps * pixels + oy * Wo + ox;
-        const A y = (A)(oy * stride_h - pad_h + i * dil_h) + dcn_load(offset[off_base + 2 * k * pixels]);
-        const A x = (A)(ox * stride_w - pad_w + j * dil_w) + dcn_load(offset[off_base + (2 * k + 1) * pixels]);
+        A y, x;
+        dcn_conv_position(offset + off_base, pixels, k, i, j, oy, ox, stride_h, stride_w, pad_h,
+                          pad_w, dil_h, dil_w, &y, &x);
         // Fractions against the cell being visited (the one the key kernel
         // chose), not a second floor(): the weight stays right even if the
         // two kernels rounded the position differently.
