@@ -591,6 +591,29 @@ def deform_psroi_pool(input, rois, trans=None, spatial_scale=1.0, output_dim=Non
 # --------------------------------------------------------------------------
 
 
+def _conv_parameters(module, in_channels, out_channels, kernel_size, stride, padding, dilation,
+                     groups, bias):
+    """The geometry attributes, ``weight`` (out, in/groups, kh, kw) and ``bias``
+    (out,) or None that torchvision's and mmcv's deformable conv modules share
+    (uninitialised: each module initialises them its library's way)."""
+    for name, channels in (("in_channels", in_channels), ("out_channels", out_channels)):
+        if channels % groups != 0:
+            raise ValueError(f"{name} = {channels} must be divisible by groups = {groups}")
+    module.in_channels = in_channels
+    module.out_channels = out_channels
+    module.kernel_size = _pair(kernel_size)
+    module.stride = _pair(stride)
+    module.padding = _pair(padding)
+    module.dilation = _pair(dilation)
+    module.groups = groups
+    module.weight = nn.Parameter(torch.empty(out_channels, in_channels // groups,
+                                             *module.kernel_size))
+    if bias:
+        module.bias = nn.Parameter(torch.empty(out_channels))
+    else:
+        module.register_parameter("bias", None)
+
+
 class DeformConv2d(nn.Module):
     """Mirrors ``torchvision.ops.DeformConv2d``: same constructor, parameters
     (``weight`` (out, in/groups, kh, kw), ``bias`` (out,) or None), state_dict
@@ -602,23 +625,8 @@ class DeformConv2d(nn.Module):
     def __init__(self, in_channels, out_channels, kernel_size, stride=1, padding=0, dilation=1,
                  groups=1, bias=True):
         super().__init__()
-        if in_channels % groups != 0:
-            raise ValueError("in_channels must be divisible by groups")
-        if out_channels % groups != 0:
-            raise ValueError("out_channels must be divisible by groups")
-        self.in_channels = in_channels
-        self.out_channels = out_channels
-        self.kernel_size = _pair(kernel_size)
-        self.stride = _pair(stride)
-        self.padding = _pair(padding)
-        self.dilation = _pair(dilation)
-        self.groups = groups
-        self.weight = nn.Parameter(torch.empty(out_channels, in_channels // groups,
-                                               *self.kernel_size))
-        if bias:
-            self.bias = nn.Parameter(torch.empty(out_channels))
-        else:
-            self.register_parameter("bias", None)
+        _conv_parameters(self, in_channels, out_channels, kernel_size, stride, padding, dilation,
+                         groups, bias)
         self.reset_parameters()
 
     def reset_parameters(self):
@@ -650,27 +658,12 @@ class _MMCVDeformConv2d(nn.Module):
     def __init__(self, in_channels, out_channels, kernel_size, stride, padding, dilation,
                  groups, deform_groups, bias):
         super().__init__()
-        if in_channels % groups != 0:
-            raise ValueError(f"in_channels {in_channels} cannot be divisible by groups {groups}")
-        if out_channels % groups != 0:
-            raise ValueError(f"out_channels {out_channels} cannot be divisible by groups {groups}")
-        self.in_channels = in_channels
-        self.out_channels = out_channels
-        self.kernel_size = _pair(kernel_size)
-        self.stride = _pair(stride)
-        self.padding = _pair(padding)
-        self.dilation = _pair(dilation)
-        self.groups = groups
+        _conv_parameters(self, in_channels, out_channels, kernel_size, stride, padding, dilation,
+                         groups, bias)
         self.deform_groups = deform_groups
         # nn.Conv2d compatibility, as mmcv
         self.transposed = False
         self.output_padding = (0,)
-        self.weight = nn.Parameter(torch.empty(out_channels, in_channels // groups,
-                                               *self.kernel_size))
-        if bias:
-            self.bias = nn.Parameter(torch.empty(out_channels))
-        else:
-            self.register_parameter("bias", None)
 
     def _conv_offset(self, per_tap):
         kh, kw = self.kernel_size

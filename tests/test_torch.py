@@ -426,8 +426,10 @@ def test_deform_conv2d_module_is_torchvisions():
     out = m(x, offset)
     assert out.shape == (2, 6, 5, 5)
     assert m(x, offset, torch.rand(2, 12, 5, 5)).shape == (2, 6, 5, 5)
-    with pytest.raises(ValueError, match="in_channels must be divisible by groups"):
+    with pytest.raises(ValueError, match="in_channels = 3 must be divisible by groups = 2"):
         ct.DeformConv2d(3, 6, 3, groups=2)
+    with pytest.raises(ValueError, match="out_channels = 5 must be divisible by groups = 2"):
+        ct.ModulatedDeformConv2dPack(4, 5, 3, groups=2)
 
 
 def test_deform_conv2d_pack_is_a_conv2d_at_init():
