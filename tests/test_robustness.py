@@ -151,26 +151,38 @@ def test_deterministic_backward_is_independent_of_the_grid():
 
 # ---------------------------------------------------------------- concurrency
 
+def run_in_threads(work, count):
+    """Run ``work(i)`` for i in range(count), each in its own thread, at once;
+    return what they raised."""
+    errors = []
+
+    def guarded(i):
+        try:
+            work(i)
+        except Exception as error:  # reported by the caller
+            errors.append(error)
+
+    threads = [threading.Thread(target=guarded, args=(i,)) for i in range(count)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    return errors
+
+
 def test_threads_share_the_host_build_and_compute_correctly(tmp_path, monkeypatch):
     monkeypatch.setenv("CUPYDCN_CACHE_DIR", str(tmp_path))  # every thread compiles at once
     cases = [make_case(CASES[i % 2], numpy.float64, seed=i) for i in range(6)]
     expected = [reference_results(exact, params)[0] for _, exact, params in cases]
     backend = _kernels.HostBackend()
-    results, errors = [None] * len(cases), []
+    results = [None] * len(cases)
 
     def work(i):
-        try:
-            typed, _, params = cases[i]
-            own = backend if i % 2 else _kernels.HostBackend()
-            results[i] = run_kernels(own, typed, params)[0]
-        except Exception as error:  # reported below
-            errors.append(error)
+        typed, _, params = cases[i]
+        own = backend if i % 2 else _kernels.HostBackend()
+        results[i] = run_kernels(own, typed, params)[0]
 
-    threads = [threading.Thread(target=work, args=(i,)) for i in range(len(cases))]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
+    errors = run_in_threads(work, len(cases))
     assert not errors, errors
     for got, ref in zip(results, expected):
         assert_close(got, ref, numpy.float64)
@@ -180,13 +192,8 @@ def test_threads_share_the_host_build_and_compute_correctly(tmp_path, monkeypatc
 def test_cupy_backend_is_one_object_under_threads():
     pytest.importorskip("cupy", reason="CuPy is not installed")
     seen = []
-    threads = [threading.Thread(target=lambda: seen.append(_kernels.cupy_backend()))
-               for _ in range(8)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    assert len({id(b) for b in seen}) == 1
+    assert not run_in_threads(lambda i: seen.append(_kernels.cupy_backend()), 8)
+    assert len(seen) == 8 and len({id(b) for b in seen}) == 1
 
 
 class _FakeCuda:
@@ -299,30 +306,23 @@ def test_gpu_threads_on_their_own_streams(gpu):
     gpu._modules.clear()
     cases = [make_case(CASES[i % 3], numpy.float32, seed=i) for i in range(8)]
     expected = [reference_results(exact, params) for _, exact, params in cases]
-    results, errors = [None] * len(cases), []
+    results = [None] * len(cases)
 
     def work(i):
-        try:
-            typed, _, params = cases[i]
-            stream = cupy.cuda.Stream(non_blocking=True)
-            with stream:
-                dev = {k: None if v is None else cupy.asarray(v) for k, v in typed.items()}
-                out = cupydcn.deform_conv2d(dev["input"], dev["offset"], dev["weight"],
-                                            dev["bias"], mask=dev["mask"], **params)
-                grads = cupydcn.deform_conv2d_backward(
-                    dev["grad_output"], dev["input"], dev["offset"], dev["weight"], dev["bias"],
-                    mask=dev["mask"], **params)
-                results[i] = (out.get(stream=stream), grads.input.get(stream=stream),
-                              grads.offset.get(stream=stream))
-            stream.synchronize()
-        except Exception as error:  # reported below
-            errors.append(error)
+        typed, _, params = cases[i]
+        stream = cupy.cuda.Stream(non_blocking=True)
+        with stream:
+            dev = {k: None if v is None else cupy.asarray(v) for k, v in typed.items()}
+            out = cupydcn.deform_conv2d(dev["input"], dev["offset"], dev["weight"],
+                                        dev["bias"], mask=dev["mask"], **params)
+            grads = cupydcn.deform_conv2d_backward(
+                dev["grad_output"], dev["input"], dev["offset"], dev["weight"], dev["bias"],
+                mask=dev["mask"], **params)
+            results[i] = (out.get(stream=stream), grads.input.get(stream=stream),
+                          grads.offset.get(stream=stream))
+        stream.synchronize()
 
-    threads = [threading.Thread(target=work, args=(i,)) for i in range(len(cases))]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
+    errors = run_in_threads(work, len(cases))
     assert not errors, errors
     for (out, grad_input, grad_offset), (ref_out, ref_grads) in zip(results, expected):
         assert_close(out, ref_out, numpy.float32, "forward")
