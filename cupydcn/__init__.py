@@ -3,7 +3,7 @@ CUDA C kernels loaded with CuPy, behind an array-in, array-out API.
 
 CuPy arrays and CUDA DLPack arrays (torch, JAX, ...) run on their GPU without
 copies; NumPy arrays run the NumPy reference (``cupydcn.reference``). The
-numbers are those of torchvision and mmcv (SEMANTICS.md). Importing cupydcn
+numbers are those of torchvision and mmcv (docs/semantics.md). Importing cupydcn
 imports neither CuPy's CUDA runtime, torch nor TensorFlow.
 """
 

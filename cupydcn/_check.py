@@ -2,7 +2,8 @@
 
 Reports the GPU and CuPy found, runs every op forward and backward on the GPU
 (or, with no GPU, the same kernel source compiled for the CPU), and compares
-each result with the float64 NumPy reference at SEMANTICS.md's tolerances.
+each result with the float64 NumPy reference at the tolerances of
+docs/semantics.md §5.3.
 Exit status 0 when every comparison passes.
 """
 

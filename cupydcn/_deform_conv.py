@@ -34,7 +34,7 @@ def deform_conv2d(input, offset, weight, bias=None, stride=1, padding=0, dilatio
 
     ``out[b, o] = bias[o] + sum_{c, i, j} weight[o, c, i, j] * mask[b, g, k]
     * bilinear(input[b, c], p + (i, j) * dilation + offset[b, g, k])`` with tap
-    ``k = i*kw + j`` and offset group ``g`` of channel ``c`` (SEMANTICS.md s. 1;
+    ``k = i*kw + j`` and offset group ``g`` of channel ``c`` (docs/semantics.md §2.5;
     Dai et al. 2017, Zhu et al. 2019).
 
     Args:
@@ -71,7 +71,7 @@ def deform_conv2d(input, offset, weight, bias=None, stride=1, padding=0, dilatio
 
 def deform_conv2d_backward(grad_output, input, offset, weight, bias=None, stride=1, padding=0,
                            dilation=1, mask=None, wrt=GRADIENTS, deterministic=False):
-    """Gradients of :func:`deform_conv2d` (torchvision's, SEMANTICS.md s. 1).
+    """Gradients of :func:`deform_conv2d` (torchvision's, docs/semantics.md §2.6).
 
     Args:
         grad_output: (B, Cout, Ho, Wo) array, the gradient of the output.

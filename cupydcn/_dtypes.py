@@ -2,7 +2,7 @@
 
 It drives the kernel template names, the NVRTC compile list, the host build and
 the "unsupported dtype" message. float16 and bfloat16 are stored in their own
-type and accumulate in float32 (SEMANTICS.md section 4), which also gives the
+type and accumulate in float32 (docs/semantics.md §5.2), which also gives the
 tolerance each dtype is held to against the float64 reference; bfloat16 is NumPy's
 extension type from ``ml_dtypes`` (what CuPy and JAX use).
 """
@@ -35,7 +35,7 @@ def _table():
         DType("float16", "dcn_half", numpy.dtype(numpy.float16), f32, 1e-2),
     ]
     if ml_dtypes is not None:
-        # SEMANTICS.md section 4: bfloat16's 8-bit mantissa needs 2e-2 on long sums
+        # docs/semantics.md §5.3: bfloat16's 8-bit mantissa needs 2e-2 on long sums
         rows.append(DType("bfloat16", "dcn_bfloat16", numpy.dtype(ml_dtypes.bfloat16), f32, 2e-2))
     return {row.dtype: row for row in rows}
 

@@ -46,7 +46,7 @@ def deform_roi_pool(input, rois, offset=None, output_size=7, spatial_scale=1.0,
     ``out[r, c, py, px] = mask[r, 0, py, px] * mean_{iy, ix} bilinear(input[b, c],
     bin start + gamma*roi_size*offset[r, :, py, px] + (i + 0.5)*bin/grid)``, with
     ``b = rois[r, 0]``, RoIAlign's bilinear rule and the bin move of channel 0
-    in x and channel 1 in y (SEMANTICS.md s. 2; Dai et al., "Deformable
+    in x and channel 1 in y (docs/semantics.md §3; Dai et al., "Deformable
     Convolutional Networks", 2017; Zhu et al., "Deformable ConvNets v2", 2019
     for the modulated op).
 
@@ -155,7 +155,7 @@ def deform_psroi_pool(input, rois, trans=None, spatial_scale=1.0, output_dim=Non
 
     ``out[r, c, py, px] = mean over the counted samples of bilinear(input[b,
     (c*G + gy)*G + gx], bin start + trans_std*trans[r, cls(c), part(py, px)]*roi_size
-    + i*sub_bin)`` (SEMANTICS.md s. 3; Dai et al., "Deformable Convolutional
+    + i*sub_bin)`` (docs/semantics.md §4; Dai et al., "Deformable Convolutional
     Networks", 2017). RoI bounds are rounded (C's round), samples outside
     ``[-0.5, W-0.5] x [-0.5, H-0.5]`` are not counted, 0 when none is.
 

@@ -103,7 +103,7 @@ class ConvGeometry(NamedTuple):
 
 def check_deform_conv2d(input, offset, weight, bias=None, stride=1, padding=0, dilation=1,
                         mask=None, grad_output=None):
-    """Validate a deform_conv2d call (SEMANTICS.md section 1); return its geometry."""
+    """Validate a deform_conv2d call (docs/semantics.md §2); return its geometry."""
     stride = pair(stride, "stride", 1)
     padding = pair(padding, "padding", 0)
     dilation = pair(dilation, "dilation", 1)
@@ -162,7 +162,7 @@ def check_deform_conv2d(input, offset, weight, bias=None, stride=1, padding=0, d
 
 
 # --------------------------------------------------------------------------
-# Deformable RoI pooling (SEMANTICS.md sections 2 and 3)
+# Deformable RoI pooling (docs/semantics.md §3 and §4)
 # --------------------------------------------------------------------------
 
 
@@ -230,7 +230,7 @@ class RoIPoolGeometry(NamedTuple):
 def check_deform_roi_pool(input, rois, offset=None, output_size=7, spatial_scale=1.0,
                           sampling_ratio=0, gamma=0.1, mask=None, grad_output=None,
                           check_batch=True):
-    """Validate a deform_roi_pool call (SEMANTICS.md section 2); return its
+    """Validate a deform_roi_pool call (docs/semantics.md §3); return its
     geometry. ``check_batch`` reads ``rois[:, 0]`` (a device sync on the GPU)."""
     ph, pw = pair(output_size, "output_size", 1)
     spatial_scale = _real(spatial_scale, "spatial_scale", positive=True)
@@ -273,7 +273,7 @@ class PSRoIPoolGeometry(NamedTuple):
 def check_deform_psroi_pool(input, rois, trans=None, spatial_scale=1.0, output_dim=None,
                             group_size=1, pooled_size=7, part_size=0, sample_per_part=4,
                             trans_std=0.0, grad_output=None, count=None, check_batch=True):
-    """Validate a deform_psroi_pool call (SEMANTICS.md section 3); return its
+    """Validate a deform_psroi_pool call (docs/semantics.md §4); return its
     geometry. ``count`` may be of the accumulation dtype (what the forward
     returns) or of the input's dtype."""
     spatial_scale = _real(spatial_scale, "spatial_scale", positive=True)

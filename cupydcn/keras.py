@@ -16,7 +16,7 @@
 The layers run on the Keras "torch" backend (through ``cupydcn.torch``) and
 the "tensorflow" backend (through ``cupydcn.tensorflow``): CUDA kernels for
 GPU tensors, the NumPy reference for CPU tensors. Other backends raise
-ValueError. The numbers are those of SEMANTICS.md (torchvision, mmcv); the
+ValueError. The numbers are those of docs/semantics.md (torchvision, mmcv); the
 deformable kernels run NCHW, so channels_last tensors are transposed around
 them. The layers cannot be XLA-compiled (``supports_jit = False``; Keras's
 ``jit_compile="auto"`` then leaves XLA off).
@@ -25,7 +25,7 @@ Kernels use Keras's layout ``(kh, kw, C/groups, filters)`` (``kernel``) and are
 turned into torchvision's ``(filters, C/groups, kh, kw)`` at each call; the
 offset branch's kernel is ``offset_kernel`` ``(kh, kw, C, K*deform_groups*kh*kw)``
 with ``offset_bias``, K = 2 (offsets, (dy, dx) interleaved per tap as in
-SEMANTICS.md) or 3 (then the last third is the mask).
+docs/semantics.md §2.2) or 3 (then the last third is the mask).
 
 Example:
     >>> import keras, cupydcn.keras
@@ -276,7 +276,7 @@ class DeformConv2D(_DeformConv2DBase):
     ``y = deform_conv2d(x, offset_conv(x), kernel) + bias``, where
     ``offset_conv`` is a convolution with bias of the same kernel size,
     strides, padding and dilation producing ``2*deform_groups*kh*kw`` channels
-    (dy, dx per tap, SEMANTICS.md s. 1). At init the offsets are 0 and the layer
+    (dy, dx per tap, docs/semantics.md §2.2). At init the offsets are 0 and the layer
     equals ``keras.layers.Conv2D`` with the same kernel.
 
     Args:

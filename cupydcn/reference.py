@@ -1,9 +1,9 @@
 """NumPy reference of every cupydcn op: the test oracle and the CPU path.
 
-Plain NumPy, written from ``SEMANTICS.md`` and independently of the CUDA
+Plain NumPy, written from ``docs/semantics.md`` and independently of the CUDA
 kernels, so that the two can be held against each other. Read it next to that
-page: section 1 (deformable convolution, torchvision's numbers), section 2
-(deformable RoI pooling, mmcv's numbers), section 3 (deformable
+page: §2 (deformable convolution, torchvision's numbers), §3
+(deformable RoI pooling, mmcv's numbers), §4 (deformable
 position-sensitive RoI pooling, the official DCN operator's numbers).
 
 Conventions shared by every function here:
@@ -137,7 +137,7 @@ class _ConvSamples(NamedTuple):
 def _conv_sample(img, y, x, height, width):
     """Sample ``img`` (dg, Cg, H*W) at (y, x) (each (dg, S), finite).
 
-    Forward rule (SEMANTICS.md s. 1): 0 when ``y <= -1 or y >= H or x <= -1 or
+    Forward rule (docs/semantics.md §2.4): 0 when ``y <= -1 or y >= H or x <= -1 or
     x >= W``; otherwise ``hy*hx*I00 + hy*lx*I01 + ly*hx*I10 + ly*lx*I11`` with
     off-image corners read as 0. The corner values themselves are kept with
     only the in-image rule, which is what the offset gradient uses.
@@ -181,7 +181,7 @@ def deform_conv2d(input, offset, weight, bias=None, stride=(1, 1), padding=(0, 0
     ``out[b, o, oy, ox] = bias[o] + sum_{c in group(o), i, j}
     weight[o, c', i, j] * mask[b, g(c)*kh*kw + k, oy, ox] * I_b[c](y, x)``
     with ``y = oy*sh - ph + i*dh + dy``, ``x = ox*sw - pw + j*dw + dx`` and the
-    bilinear rule of SEMANTICS.md s. 1 (0 unless ``-1 < y < H`` and
+    bilinear rule of docs/semantics.md §2.4 (0 unless ``-1 < y < H`` and
     ``-1 < x < W``; off-image corners read as 0). Dai et al., "Deformable
     Convolutional Networks" (2017); Zhu et al., "Deformable ConvNets v2" (2019).
 
@@ -390,7 +390,7 @@ def _roi_plan(roi, offset_r, mask_r, height, width, n_images, output_size,
     y = y.reshape(ph * pw, -1)
     x = x.reshape(ph * pw, -1)
 
-    # RoIAlign's bilinear rule (SEMANTICS.md s. 2); comparisons are False for NaN.
+    # RoIAlign's bilinear rule (docs/semantics.md §3.4); comparisons are False for NaN.
     ok = (bin_ok.reshape(-1, 1) & np.isfinite(y) & np.isfinite(x)
           & (y >= -1) & (y <= height) & (x >= -1) & (x <= width))
     # Below 0 the max() clamp holds the sample: the forward does not move with

@@ -22,7 +22,7 @@ Layouts: ``data_format="channels_last"`` (the default, TensorFlow's NHWC) or
 transposed around the core call. Weights are always in torchvision's layout
 ``(Cout, C/groups, kh, kw)``, whatever the data format (``cupydcn.keras``
 converts Keras's ``(kh, kw, C/groups, Cout)`` kernels). Numbers, offset
-channel order and gradients are those of SEMANTICS.md; validation messages are
+channel order and gradients are those of docs/semantics.md; validation messages are
 the core's (shapes named in NCHW terms).
 
 Example:
@@ -247,7 +247,7 @@ def deform_conv2d(input, offset, weight, bias=None, stride=1, padding=0, dilatio
                   data_format="channels_last"):
     """Deformable convolution v1, or v2 with ``mask``, differentiable in all inputs.
 
-    ``cupydcn.deform_conv2d``'s numbers (torchvision's, SEMANTICS.md s. 1) on
+    ``cupydcn.deform_conv2d``'s numbers (torchvision's, docs/semantics.md §2) on
     TensorFlow tensors, CUDA kernels on the GPU and the NumPy reference on the
     CPU, without copies.
 
@@ -306,7 +306,7 @@ def deform_roi_pool(input, rois, offset=None, output_size=7, spatial_scale=1.0, 
     """Deformable RoI pooling, RoIAlign style (mmcv's), or modulated with ``mask``;
     differentiable in ``input``, ``offset`` and ``mask`` (not in ``rois``).
 
-    ``cupydcn.deform_roi_pool``'s numbers (SEMANTICS.md s. 2) on TensorFlow
+    ``cupydcn.deform_roi_pool``'s numbers (docs/semantics.md §3) on TensorFlow
     tensors. Without offset and mask this is RoIAlign with ``aligned=True``.
 
     Args:
@@ -362,7 +362,7 @@ def deform_psroi_pool(input, rois, trans=None, spatial_scale=1.0, output_dim=Non
     """Deformable position-sensitive RoI pooling (the official DCN operator's,
     R-FCN head); differentiable in ``input`` and ``trans`` (not in ``rois``).
 
-    ``cupydcn.deform_psroi_pool``'s numbers (SEMANTICS.md s. 3) on TensorFlow
+    ``cupydcn.deform_psroi_pool``'s numbers (docs/semantics.md §4) on TensorFlow
     tensors. The forward's sample count is kept for the backward.
 
     Args:

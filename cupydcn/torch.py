@@ -14,7 +14,7 @@ Modules: :class:`DeformConv2d` (torchvision), :class:`DeformConv2dPack`,
 :class:`DeformPSRoIPool` (DCNv2's ``DCNv2Pooling``).
 
 This file holds DLPack and autograd only; the numbers are the core's
-(SEMANTICS.md). CUDA tensors run the CUDA kernels on their device, on torch's
+(docs/semantics.md). CUDA tensors run the CUDA kernels on their device, on torch's
 current stream, with CuPy allocating from torch's caching allocator; CPU tensors
 run the NumPy reference. Inputs and outputs cross by DLPack without copies.
 Shapes are checked by ``cupydcn._validation`` (in the fake implementations
@@ -336,7 +336,7 @@ _register_autocast("deform_conv2d")
 def deform_conv2d(input, offset, weight, bias=None, stride=1, padding=0, dilation=1, mask=None):
     """Deformable convolution (DCNv1), or modulated (DCNv2) with ``mask``: a
     drop-in for ``torchvision.ops.deform_conv2d`` (same arguments, same numbers,
-    SEMANTICS.md s. 1), differentiable in all five tensors.
+    docs/semantics.md §2), differentiable in all five tensors.
 
     ``out[b, o] = bias[o] + sum_{c, i, j} weight[o, c, i, j] * mask[b, g, k]
     * bilinear(input[b, c], p + (i, j) * dilation + offset[b, g, k])``.
@@ -445,7 +445,7 @@ def deform_roi_pool(input, rois, offset=None, output_size=7, spatial_scale=1.0, 
                     gamma=0.1, mask=None):
     """Deformable RoI pooling, RoIAlign style (mmcv's ``deform_roi_pool``, same
     positional arguments), modulated when ``mask`` is given; differentiable in
-    input, offset and mask (not in rois). SEMANTICS.md s. 2.
+    input, offset and mask (not in rois). docs/semantics.md §3.
 
     Args:
         input: (N, C, H, W) tensor.
@@ -559,7 +559,7 @@ def deform_psroi_pool(input, rois, trans=None, spatial_scale=1.0, output_dim=Non
                       return_count=False):
     """Deformable position-sensitive RoI pooling, the official DCN operator
     (``DeformablePSROIPooling``; DCNv2's ``dcn_v2_pooling``), differentiable in
-    input and trans (not in rois). SEMANTICS.md s. 3.
+    input and trans (not in rois). docs/semantics.md §4.
 
     Args:
         input: (N, output_dim*group_size**2, H, W) tensor.

@@ -120,7 +120,7 @@ template <> __device__ __forceinline__ float dcn_floor<float>(float v) { return 
 template <> __device__ __forceinline__ double dcn_floor<double>(double v) { return floor(v); }
 
 // The four pixels around (y, x) with the convolution's corner rule: a corner
-// outside the image counts as 0 (SEMANTICS.md section 1). v = {I(y0, x0),
+// outside the image counts as 0 (docs/semantics.md section 2.4). v = {I(y0, x0),
 // I(y0, x1), I(y1, x0), I(y1, x1)}; ly, lx the fractional parts. The callers
 // have checked that y and x are finite and inside (-2, H) x (-2, W), so the
 // conversions to integers are in range.
@@ -139,7 +139,7 @@ __device__ __forceinline__ void dcn_conv_corners(const T* plane, I H, I W, A y, 
 }
 
 // Bilinear sample of one image plane with the convolution's rule
-// (SEMANTICS.md section 1): zero outside the open box (-1, H) x (-1, W). A NaN
+// (docs/semantics.md section 2.4): zero outside the open box (-1, H) x (-1, W). A NaN
 // position fails every comparison, so it counts as outside; the check also
 // bounds y and x before they are converted to integers.
 template <typename T, typename I, typename A>
@@ -152,7 +152,7 @@ __device__ __forceinline__ A dcn_conv_bilinear(const T* plane, I H, I W, A y, A 
 }
 
 // Derivatives of the convolution's bilinear sample with respect to y and x,
-// with torchvision's rule (SEMANTICS.md section 1): only the in-image corner
+// with torchvision's rule (docs/semantics.md section 2.6): only the in-image corner
 // rule, no open-box check, so it is nonzero for -1 <= y < H, -1 <= x < W.
 template <typename T, typename I, typename A>
 __device__ __forceinline__ void dcn_conv_bilinear_grad(const T* plane, I H, I W, A y, A x,

@@ -1,4 +1,4 @@
-// deform_conv.cu: deformable convolution v1/v2 (SEMANTICS.md section 1).
+// deform_conv.cu: deformable convolution v1/v2 (docs/semantics.md section 2).
 //
 // The convolution is computed as deformable im2col + GEMM (cuBLAS, on the
 // Python side). The kernels work on a tile of the output: images
@@ -22,7 +22,7 @@
 // optional array (mask, grad_offset, grad_mask) may be null.
 
 // The sampling position of tap k = (i, j) for output pixel (oy, ox)
-// (SEMANTICS.md section 1); ``off`` points at that pixel in offset channel 0 of
+// (docs/semantics.md section 2.3); ``off`` points at that pixel in offset channel 0 of
 // its image and offset group. Every kernel here uses this one function, so the
 // key and gather kernels of the deterministic backward see identical positions.
 template <typename T, typename I, typename A>

@@ -1,5 +1,5 @@
 // deform_psroi_pool.cu: deformable position-sensitive RoI pooling, the
-// official DCN operator (DeformablePSROIPooling; SEMANTICS.md section 3).
+// official DCN operator (DeformablePSROIPooling; docs/semantics.md section 4).
 // RoI r = [b, x1, y1, x2, y2] spans start = round(x1)*scale - 0.5 to
 // end = (round(x2) + 1)*scale - 0.5 (C's round, half away from zero),
 // roi_w = max(end - start, 0.1), bin = roi/pooled, sub_bin = bin/sample_per_part.

@@ -1,6 +1,6 @@
 // deform_roi_pool.cu: deformable RoI pooling, RoIAlign style, plain and
-// modulated (mmcv's DeformRoIPool / ModulatedDeformRoIPoolPack; SEMANTICS.md
-// section 2). Each bin (py, px) of RoI r = [b, x1, y1, x2, y2] starts at
+// modulated (mmcv's DeformRoIPool / ModulatedDeformRoIPoolPack; docs/semantics.md
+// section 3). Each bin (py, px) of RoI r = [b, x1, y1, x2, y2] starts at
 // (x1*scale - 0.5 + px*bin_w, y1*scale - 0.5 + py*bin_h), moved as a whole by
 // gamma*roi_w*offset[r, 0, py, px] in x and gamma*roi_h*offset[r, 1, py, px]
 // in y, and averages grid_h*grid_w samples at (iy + 0.5)*bin_h/grid_h (same

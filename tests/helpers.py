@@ -1,4 +1,4 @@
-"""Comparison helpers shared by the tests (SEMANTICS.md section 4)."""
+"""Comparison helpers shared by the tests (docs/semantics.md §5.3)."""
 
 import numpy
 

@@ -164,7 +164,7 @@ def test_a_wrong_kernel_fails(host):
 
 
 def test_identity_zero_offset_is_conv2d(host):
-    """Zero offsets and a mask of ones give the plain convolution (SEMANTICS 1)."""
+    """Zero offsets and a mask of ones give the plain convolution (docs/semantics.md §2.7)."""
     typed, exact, params = make_case(CASES[3], numpy.float64)
     typed["offset"] = numpy.zeros_like(typed["offset"])
     typed["mask"] = None

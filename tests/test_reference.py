@@ -1,4 +1,4 @@
-"""Tests of the NumPy reference (``cupydcn.reference``) against SEMANTICS.md.
+"""Tests of the NumPy reference (``cupydcn.reference``) against docs/semantics.md.
 
 Known-answer identities (zero offsets = conv2d, integer offsets = shifted
 conv2d, zero mask = bias), hand-derived numbers, mmcv's golden values, small

@@ -299,7 +299,7 @@ def test_roi_cases_reach_every_region():
 
 
 def test_host_roi_pool_mmcv_golden_values(host):
-    """SEMANTICS.md s. 2: mmcv's numbers on a 2x2 image."""
+    """docs/semantics.md §3.7: mmcv's numbers on a 2x2 image."""
     x = numpy.array([[[[1.0, 2.0], [3.0, 4.0]]]])
     rois = numpy.array([[0.0, 0, 0, 1, 1]])
     case = RoICase("golden", 1, 1, 2, 2, (2, 2), 1.0, 2, False, False)
@@ -343,7 +343,7 @@ def _roi_objective(host, typed, case, offset, mask):
 @pytest.mark.parametrize("case", [ROI_CASES[3], ROI_CASES[4]], ids=lambda c: c.name)
 def test_host_roi_offset_and_mask_grads_are_finite_differences(host, case):
     """The offset and mask gradients are the derivatives of the forward
-    (SEMANTICS.md s. 2 asks for this check where the forward is smooth)."""
+    (docs/semantics.md §3.6 asks for this check where the forward is smooth)."""
     arrays = make_roi_case(case, seed=3, specials=False)
     _, grads = roi_run(host, arrays, case)
     eps = 1e-6
@@ -1300,7 +1300,7 @@ def test_gpu_public_api(gpu, dtype, record_error):
 @pytest.mark.gpu
 @pytest.mark.parametrize("sampling_ratio", [0, 2])
 def test_gpu_roi_pool_without_offset_is_torchvision_roi_align(gpu, sampling_ratio, record_error):
-    """SEMANTICS.md s. 2: no offset = torchvision.ops.roi_align(aligned=True)."""
+    """docs/semantics.md §3.7: no offset = torchvision.ops.roi_align(aligned=True)."""
     torch = pytest.importorskip("torch", reason="torch is not installed: the torchvision "
                                 "RoIAlign cross-check needs it")
     torchvision = pytest.importorskip("torchvision", reason="torchvision is not installed: "
