@@ -90,6 +90,8 @@ def _core_array(buffer):
         return numpy.asarray(buffer)
     cupy = _cupy()
     shape, dtype = tuple(buffer.shape), numpy.dtype(buffer.dtype)
+    if not math.prod(shape):
+        return cupy.empty(shape, dtype)  # nothing to share (XLA may give it no address)
     pointer = buffer.__cuda_array_interface__["data"][0]
     memory = cupy.cuda.UnownedMemory(pointer, math.prod(shape) * dtype.itemsize, buffer,
                                      int(buffer.__dlpack_device__()[1]))
@@ -127,11 +129,13 @@ def _scope(ctx, buffer):
         yield
         return
     cupy = _cupy()
-    from_external = getattr(cupy.cuda.Stream, "from_external", None)
-    stream = (from_external(_StreamHandle(ctx.stream)) if from_external is not None
-              else cupy.cuda.ExternalStream(ctx.stream))  # CuPy < 14
-    with cupy.cuda.Device(int(buffer.__dlpack_device__()[1])), stream:
-        yield
+    with cupy.cuda.Device(int(buffer.__dlpack_device__()[1])):
+        # made with the device current: a CuPy stream belongs to the current device
+        from_external = getattr(cupy.cuda.Stream, "from_external", None)
+        stream = (from_external(_StreamHandle(ctx.stream)) if from_external is not None
+                  else cupy.cuda.ExternalStream(ctx.stream))  # CuPy < 14
+        with stream:
+            yield
 
 
 class _Callback:
@@ -240,14 +244,13 @@ def _conv_op(stride, padding, dilation):
     data_call = _Callback(data_grads, (4, 4, 4, 4, 4), per_sample=(0, 1, 2, 4))
     parameter_call = _Callback(parameter_grads, (4, 4, 4, 4, 1, 4))
 
-    @jax.custom_vjp
-    def op(input, offset, weight, bias, mask):
+    def primal(input, offset, weight, bias, mask):
         geo = _validation.check_deform_conv2d(input, offset, weight, bias, mask=mask, **params)
         shape = (geo.B, geo.Cout, geo.Ho, geo.Wo)
         return forward_call([_spec(shape, input.dtype)], input, offset, weight, bias, mask)[0]
 
     def op_forward(input, offset, weight, bias, mask):
-        return op(input, offset, weight, bias, mask), (input, offset, weight, bias, mask)
+        return primal(input, offset, weight, bias, mask), (input, offset, weight, bias, mask)
 
     def op_backward(saved, grad_output):
         input, offset, weight, bias, mask = saved
@@ -261,6 +264,9 @@ def _conv_op(stride, padding, dilation):
         return (grad_input, grad_offset, grad_weight, grad_bias[0] if grad_bias else None,
                 grad_mask[0] if grad_mask else None)
 
+    # the forward rule calls primal, not op: a custom_vjp function calling
+    # itself there fails under jit(grad(vmap)) with NumPy arguments (JAX 0.10)
+    op = jax.custom_vjp(primal)
     op.defvjp(op_forward, op_backward)
     return op
 
@@ -316,15 +322,14 @@ def _roi_op(output_size, spatial_scale, sampling_ratio, gamma):
     forward_call = _Callback(forward, (4, 2, 4, 4))
     backward_call = _Callback(backward, (4, 4, 2, 4, 4))
 
-    @jax.custom_vjp
-    def op(input, rois, offset, mask):
+    def primal(input, rois, offset, mask):
         geo = _validation.check_deform_roi_pool(input, rois, offset, mask=mask, check_batch=False,
                                                 **params)
         shape = (geo.R, geo.C, geo.ph, geo.pw)
         return forward_call([_spec(shape, input.dtype)], input, rois, offset, mask)[0]
 
     def op_forward(input, rois, offset, mask):
-        return op(input, rois, offset, mask), (input, rois, offset, mask)
+        return primal(input, rois, offset, mask), (input, rois, offset, mask)
 
     def op_backward(saved, grad_output):
         input, rois, offset, mask = saved
@@ -333,6 +338,9 @@ def _roi_op(output_size, spatial_scale, sampling_ratio, gamma):
         return (next(grads), None, None if offset is None else next(grads),
                 None if mask is None else next(grads))
 
+    # the forward rule calls primal, not op: a custom_vjp function calling
+    # itself there fails under jit(grad(vmap)) with NumPy arguments (JAX 0.10)
+    op = jax.custom_vjp(primal)
     op.defvjp(op_forward, op_backward)
     return op
 
@@ -382,8 +390,7 @@ def _psroi_op(spatial_scale, output_dim, group_size, pooled_size, part_size, sam
     forward_call = _Callback(forward, (4, 2, 4))
     backward_call = _Callback(backward, (4, 4, 4, 2, 4))
 
-    @jax.custom_vjp
-    def op(input, rois, trans):
+    def primal(input, rois, trans):
         geo = _validation.check_deform_psroi_pool(input, rois, trans, check_batch=False,
                                                   **params)
         shape = (geo.R, geo.output_dim, geo.pooled_size, geo.pooled_size)
@@ -391,7 +398,7 @@ def _psroi_op(spatial_scale, output_dim, group_size, pooled_size, part_size, sam
                                   input, rois, trans))
 
     def op_forward(input, rois, trans):
-        out, count = op(input, rois, trans)
+        out, count = primal(input, rois, trans)
         return (out, count), (input, rois, trans, count)
 
     def op_backward(saved, cotangents):
@@ -400,6 +407,9 @@ def _psroi_op(spatial_scale, output_dim, group_size, pooled_size, part_size, sam
                                     if a is not None], cotangents[0], count, input, rois, trans))
         return (next(grads), None, None if trans is None else next(grads))
 
+    # the forward rule calls primal, not op: a custom_vjp function calling
+    # itself there fails under jit(grad(vmap)) with NumPy arguments (JAX 0.10)
+    op = jax.custom_vjp(primal)
     op.defvjp(op_forward, op_backward)
     return op
 
