@@ -13,13 +13,15 @@
   (and a mask) learned by fully connected layers as mmcv's
   ``DeformRoIPoolPack`` / ``ModulatedDeformRoIPoolPack``.
 
-The layers run on the Keras "torch" backend (through ``cupydcn.torch``) and
-the "tensorflow" backend (through ``cupydcn.tensorflow``): CUDA kernels for
-GPU tensors, the NumPy reference for CPU tensors. Other backends raise
-ValueError. The numbers are those of docs/semantics.md (torchvision, mmcv); the
-deformable kernels run NCHW, so channels_last tensors are transposed around
-them. The layers cannot be XLA-compiled (``supports_jit = False``; Keras's
-``jit_compile="auto"`` then leaves XLA off).
+The layers run on the Keras "jax" backend (through ``cupydcn.jax``), the
+"torch" backend (through ``cupydcn.torch``) and the "tensorflow" backend
+(through ``cupydcn.tensorflow``): CUDA kernels for GPU tensors, the NumPy
+reference for CPU tensors. Other backends raise ValueError. The numbers are
+those of docs/semantics.md (torchvision, mmcv); the deformable kernels run NCHW, so
+channels_last tensors are transposed around them. On the jax backend the
+layers are jit-compiled with the rest of the model (the ops are XLA buffer
+callbacks); on torch and tensorflow they cannot be compiled
+(``supports_jit = False``; Keras's ``jit_compile="auto"`` then leaves XLA off).
 
 Kernels use Keras's layout ``(kh, kw, C/groups, filters)`` (``kernel``) and are
 turned into torchvision's ``(filters, C/groups, kh, kw)`` at each call; the
@@ -45,26 +47,35 @@ from cupydcn import _validation
 
 __all__ = ["DeformConv2D", "DeformRoIPool2D", "ModulatedDeformConv2D"]
 
-_BACKENDS = ("torch", "tensorflow")
+_BACKENDS = ("jax", "torch", "tensorflow")
 
 
 def _check_backend():
     """Keras's backend name, if cupydcn has a bridge for it."""
     backend = keras.backend.backend()
     if backend not in _BACKENDS:
-        raise ValueError(f"cupydcn.keras supports the 'torch' and 'tensorflow' Keras backends, "
-                         f"got {backend!r}")
+        raise ValueError(f"cupydcn.keras supports the 'jax', 'torch' and 'tensorflow' Keras "
+                         f"backends, got {backend!r}")
     return backend
 
 
 def _bridge():
-    """The cupydcn bridge of Keras's backend: ("torch" | "tensorflow", module)."""
+    """The cupydcn bridge of Keras's backend: ("jax" | "torch" | "tensorflow", module)."""
     backend = _check_backend()
-    if backend == "torch":
+    if backend == "jax":
+        import cupydcn.jax as bridge
+    elif backend == "torch":
         import cupydcn.torch as bridge
     else:
         import cupydcn.tensorflow as bridge
     return backend, bridge
+
+
+def _supports_jit():
+    """The jax bridge's ops are XLA buffer callbacks, compiled with the model;
+    the torch and tensorflow ones call the core from Python (no torch.compile
+    of the layer, no XLA)."""
+    return keras.backend.backend() == "jax"
 
 
 def _nchw_kwargs(backend):
@@ -135,8 +146,7 @@ class _DeformConv2DBase(keras.layers.Layer):
             raise ValueError(f"filters = {self.filters} must be divisible by groups = "
                              f"{self.groups}")
         self.input_spec = keras.layers.InputSpec(ndim=4)
-        # The deformable ops call CuPy or NumPy through DLPack: no XLA / torch.compile.
-        self.supports_jit = False
+        self.supports_jit = _supports_jit()
 
     @property
     def _branch_channels(self):
@@ -367,7 +377,7 @@ class DeformRoIPool2D(keras.layers.Layer):
         if self.modulated and not self.learn_offsets:
             raise ValueError("modulated=True needs learn_offsets=True (mmcv's "
                              "ModulatedDeformRoIPoolPack learns both)")
-        self.supports_jit = False
+        self.supports_jit = _supports_jit()
         bins = self.output_size[0] * self.output_size[1]
         self.offset_fc = self.mask_fc = None
         if self.learn_offsets:

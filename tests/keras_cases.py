@@ -1,8 +1,8 @@
 """cupydcn.keras cases, run under one Keras backend per process.
 
 Keras picks its backend once, at import, from KERAS_BACKEND, so
-tests/test_keras.py runs this file in a subprocess per backend ("torch" and
-"tensorflow"): ``KERAS_BACKEND=torch python -m pytest tests/keras_cases.py``.
+tests/test_keras.py runs this file in a subprocess per backend ("jax", "torch"
+and "tensorflow"): ``KERAS_BACKEND=jax python -m pytest tests/keras_cases.py``.
 The file name does not start with ``test_`` so that the main run does not
 collect it in its own process.
 """
@@ -261,25 +261,41 @@ def test_roi_pool_config_round_trip():
 # --------------------------------------------------------------------------
 
 
+BRIDGES = {"jax": "cupydcn.jax", "torch": "cupydcn.torch", "tensorflow": "cupydcn.tensorflow"}
+
+
 def test_dispatches_to_the_backend_bridge_only():
     ck.DeformConv2D(2, 3)(random_input((1, 5, 5, 2)))
-    bridge, other = (("cupydcn.torch", "cupydcn.tensorflow") if BACKEND == "torch"
-                     else ("cupydcn.tensorflow", "cupydcn.torch"))
-    assert bridge in sys.modules
-    assert other not in sys.modules
+    assert BRIDGES[BACKEND] in sys.modules
+    for backend, other in BRIDGES.items():
+        if backend != BACKEND:
+            assert other not in sys.modules, other
+
+
+def test_jit_compile_only_on_the_jax_backend():
+    """jit_compile="auto" compiles the model (the layers included) on the jax
+    backend, whose ops are XLA buffer callbacks, and leaves XLA off elsewhere."""
+    inputs = keras.Input((6, 6, 3))
+    features = keras.Input((8, 9, 3))
+    rois = keras.Input((5,))
+    for model in (keras.Model(inputs, ck.ModulatedDeformConv2D(2, 3, padding="same")(inputs)),
+                  keras.Model([features, rois], ck.DeformRoIPool2D(2)([features, rois]))):
+        model.compile(optimizer="sgd", loss="mse")
+        assert model.jit_compile is (BACKEND == "jax")
 
 
 def test_other_backends_are_refused(monkeypatch):
     built = ck.DeformConv2D(2, 3)
     built(random_input((1, 5, 5, 2)))
-    monkeypatch.setattr(keras.backend, "backend", lambda: "jax")
-    message = "cupydcn.keras supports the 'torch' and 'tensorflow' Keras backends, got 'jax'"
+    monkeypatch.setattr(keras.backend, "backend", lambda: "numpy")
+    message = ("cupydcn.keras supports the 'jax', 'torch' and 'tensorflow' Keras backends, "
+               "got 'numpy'")
     for make in (lambda: ck.DeformConv2D(2, 3), lambda: ck.ModulatedDeformConv2D(2, 3),
                  lambda: ck.DeformRoIPool2D(2)):
         with pytest.raises(ValueError) as info:
             make()
         assert str(info.value) == message
-    with pytest.raises(ValueError, match="supports the 'torch' and 'tensorflow' Keras backends"):
+    with pytest.raises(ValueError, match="supports the 'jax', 'torch' and 'tensorflow' Keras"):
         built.call(random_input((1, 5, 5, 2)))
 
 

@@ -35,7 +35,7 @@ def run_cases(backend, marker):
         pytest.skip("; ".join(reasons))
 
 
-@pytest.mark.parametrize("backend", ["tensorflow", "torch"])
+@pytest.mark.parametrize("backend", ["jax", "tensorflow", "torch"])
 def test_keras_layers(backend):
     run_cases(backend, "not gpu")
 
