@@ -158,6 +158,10 @@ def _psroi_case(backend, dtype):
 CASES = [_conv_case, _roi_case, _psroi_case]
 
 
+def _compile_notice():
+    print("compiling kernels for this machine, first run only ...", flush=True)
+
+
 def main(argv=None):
     lines, backend, where = environment()
     for line in lines:
@@ -167,8 +171,7 @@ def main(argv=None):
     failures = 0
     # The first run compiles the kernels (~15 s); a later one finds them cached.
     # Said only when the first op is slow, i.e. when a compile is under way.
-    notice = threading.Timer(1.0, lambda: print(
-        "compiling kernels for this machine, first run only ...", flush=True))
+    notice = threading.Timer(1.0, _compile_notice)
     notice.daemon = True
     notice.start()
     print(f"\n{'op':<34}{'dtype':<10}{'rel. error':>12}{'tolerance':>11}  result   [{where}]",
