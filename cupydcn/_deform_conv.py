@@ -52,6 +52,14 @@ def deform_conv2d(input, offset, weight, bias=None, stride=1, padding=0, dilatio
     and the current CuPy stream; NumPy (and CPU DLPack) arrays run the NumPy
     reference. Groups and offset groups are inferred from the shapes.
 
+    Raises:
+        ArgumentError: a bad shape or value (a ``ValueError`` and a
+            ``RuntimeError``), naming the argument, the value and the
+            expectation, e.g. ``offset.shape[1] must be a positive multiple of
+            2*kh*kw = 18, got 16``.
+        ArgumentTypeError: a missing array (None), a non-array or an
+            unsupported dtype (a ``TypeError`` and a ``RuntimeError``).
+
     Example:
         >>> out = cupydcn.deform_conv2d(x, offset, w, padding=1, mask=m)
     """
@@ -79,9 +87,12 @@ def deform_conv2d_backward(grad_output, input, offset, weight, bias=None, stride
         grad_output: (B, Cout, Ho, Wo) array, the gradient of the output.
         input, offset, weight, bias, stride, padding, dilation, mask: as for
             :func:`deform_conv2d`.
-        wrt: the names of the gradients to compute, a subset of
-            ``("input", "offset", "weight", "bias", "mask")``; only those are
-            computed (bias and mask only when given).
+        wrt: the names of the gradients to compute, a tuple, list or set of
+            names among ``("input", "offset", "weight", "bias", "mask")`` (a
+            bare string is an error); only those are computed. The default,
+            all five, means every gradient that applies (bias and mask only
+            when given); naming "bias" or "mask" explicitly without the array
+            is an error.
         deterministic: compute the input gradient without floating-point
             atomics (samples sorted by the pixel cell they touch, then one
             gathering thread per input element), so every gradient is
@@ -90,6 +101,10 @@ def deform_conv2d_backward(grad_output, input, offset, weight, bias=None, stride
     Returns:
         DeformConv2dGrads(input, offset, weight, bias, mask), each an array
         shaped like its argument, or None.
+
+    Raises:
+        ArgumentError, ArgumentTypeError: as :func:`deform_conv2d`, and for a
+            bad ``wrt``.
     """
     _validation.check_arrays(dict(grad_output=grad_output, input=input, offset=offset,
                                   weight=weight), dict(bias=bias, mask=mask))

@@ -65,6 +65,12 @@ def deform_roi_pool(input, rois, offset=None, output_size=7, spatial_scale=1.0,
     Returns:
         (R, C, ph, pw) array of the input's library, dtype and device.
 
+    Raises:
+        ArgumentError: a bad shape or value, e.g. a batch index outside
+            [0, N) (a ``ValueError`` and a ``RuntimeError``).
+        ArgumentTypeError: a missing array, a non-array or an unsupported or
+            mismatched dtype (a ``TypeError`` and a ``RuntimeError``).
+
     With no offset and no mask this is ``torchvision.ops.roi_align(...,
     aligned=True)``. A RoI with a non-finite coordinate, and a bin with a
     non-finite offset or mask, pools to 0.
@@ -108,8 +114,10 @@ def deform_roi_pool_backward(grad_output, input, rois, offset=None, output_size=
         grad_output: (R, C, ph, pw) array, the gradient of the output.
         input, rois, offset, output_size, spatial_scale, sampling_ratio, gamma,
             mask: as for :func:`deform_roi_pool`.
-        wrt: the gradients to compute, a subset of ``("input", "offset", "mask")``
-            (offset and mask only when given).
+        wrt: the gradients to compute, a tuple, list or set of names among
+            ``("input", "offset", "mask")``; the default (all three) means
+            every one that applies (offset and mask only when given), naming
+            offset or mask without the array is an error.
         deterministic: compute the input gradient without floating-point
             atomics (the samples sorted by the pixel cell they read, then one
             gathering thread per input element), so every gradient is
@@ -183,6 +191,9 @@ def deform_psroi_pool(input, rois, trans=None, spatial_scale=1.0, output_dim=Non
         accumulation dtype (float32 for float16/bfloat16 inputs, else the
         input's): what :func:`deform_psroi_pool_backward` takes.
 
+    Raises:
+        ArgumentError, ArgumentTypeError: as :func:`deform_roi_pool`.
+
     Example:
         >>> out = cupydcn.deform_psroi_pool(x, rois, trans, spatial_scale=1/16,
         ...                                 group_size=7, pooled_size=7, trans_std=0.1)
@@ -223,7 +234,9 @@ def deform_psroi_pool_backward(grad_output, input, rois, trans=None, count=None,
         input, rois, trans and the keywords: as for :func:`deform_psroi_pool`.
         count: the forward's count (``return_count=True``), or None to
             recompute it (the NumPy path always recomputes it).
-        wrt: a subset of ``("input", "trans")`` (trans only when given).
+        wrt: a tuple, list or set of names among ``("input", "trans")``; the
+            default (both) means every one that applies (trans only when
+            given), naming trans without it is an error.
         deterministic: compute both gradients without floating-point atomics
             (input: the samples sorted by (image, class, position-sensitive
             group, pixel cell), then one gathering thread per input element;

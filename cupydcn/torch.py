@@ -16,9 +16,15 @@ Modules: :class:`DeformConv2d` (torchvision), :class:`DeformConv2dPack`,
 This file holds DLPack and autograd only; the numbers are the core's
 (SEMANTICS.md). CUDA tensors run the CUDA kernels on their device, on torch's
 current stream, with CuPy allocating from torch's caching allocator; CPU tensors
-run the NumPy reference. Inputs and outputs cross by DLPack without copies.
-Shapes are checked by ``cupydcn._validation`` (in the fake implementations
-too), so a mistake gets the same message from torch as from CuPy or NumPy.
+run the NumPy reference. Inputs cross by DLPack without copies; the op results
+are tensors that torch allocates (``torch.empty`` on the input's device and
+torch's current stream) and the core writes into, so ``record_stream`` and the
+caching allocator treat them as any other torch tensor. Shapes are checked by
+``cupydcn._validation`` (in the fake implementations too), so a mistake gets
+the same message from torch as from CuPy or NumPy, as a
+``cupydcn.ArgumentError`` (a ``ValueError`` and a ``RuntimeError``, what
+torchvision raises) or ``cupydcn.ArgumentTypeError`` (a ``TypeError`` and a
+``RuntimeError``; e.g. "offset must be a torch.Tensor, got numpy.ndarray").
 
 Autocast (CUDA and CPU): deform_conv2d runs in the autocast dtype (float16 or
 bfloat16), as torch's convolutions do; the RoI poolings run in float32 and
