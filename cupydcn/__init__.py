@@ -5,10 +5,17 @@ CuPy arrays and CUDA DLPack arrays (torch, JAX, ...) run on their GPU without
 copies; NumPy arrays run the NumPy reference (``cupydcn.reference``). The
 numbers are those of torchvision and mmcv (docs/semantics.md). Importing cupydcn
 imports neither CuPy's CUDA runtime, torch nor TensorFlow.
+
+Bad arguments raise :class:`ArgumentError` (a ``ValueError`` and a
+``RuntimeError``: shapes, values) or :class:`ArgumentTypeError` (a ``TypeError``
+and a ``RuntimeError``: types, dtypes, a missing array), from every entry point
+and every bridge, each naming the argument, the value received and the value
+expected.
 """
 
 from cupydcn._config import get_workspace_limit, set_workspace_limit
 from cupydcn._deform_conv import DeformConv2dGrads, deform_conv2d, deform_conv2d_backward
+from cupydcn._validation import ArgumentError, ArgumentTypeError
 from cupydcn._roi_pool import (
     DeformPSRoIPoolGrads,
     DeformRoIPoolGrads,
@@ -21,6 +28,8 @@ from cupydcn._roi_pool import (
 __version__ = "0.1.0"
 
 __all__ = [
+    "ArgumentError",
+    "ArgumentTypeError",
     "DeformConv2dGrads",
     "DeformPSRoIPoolGrads",
     "DeformRoIPoolGrads",

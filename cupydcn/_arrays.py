@@ -13,11 +13,12 @@ runs with that device current.
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import sys
 
 import numpy
 
-from cupydcn import _dtypes
+from cupydcn import _config, _dtypes, _validation
 
 _DL_CPU, _DL_CUDA, _DL_CUDA_HOST, _DL_CUDA_MANAGED = 1, 2, 3, 13
 
@@ -45,10 +46,10 @@ def _where(x, name):
             return "cpu", None
         if kind in (_DL_CUDA, _DL_CUDA_MANAGED):
             return "cuda", int(device)
-        raise TypeError(f"{name} lives on DLPack device type {kind}; cupydcn runs on CUDA GPUs "
-                        "and on the CPU")
-    raise TypeError(f"{name} must be a NumPy, CuPy or DLPack-capable array, "
-                    f"got {type(x).__module__}.{type(x).__name__}")
+        raise _validation.ArgumentTypeError(
+            f"{name} lives on DLPack device type {kind}; cupydcn runs on CUDA GPUs and on the CPU")
+    raise _validation.ArgumentTypeError(f"{name} must be {_validation.ARRAY}, "
+                                        f"got {_validation.type_name(x)}")
 
 
 def _describe(where):
@@ -86,8 +87,86 @@ def _returner(x):
     library = sys.modules.get(top)
     if library is not None and hasattr(library, "from_dlpack"):
         return library.from_dlpack
-    raise TypeError(f"cannot return results as {type(x).__module__}.{type(x).__name__}: "
-                    "its library has no from_dlpack")
+    raise _validation.ArgumentTypeError(
+        f"cannot return results as {_validation.type_name(x)}: its library has no from_dlpack")
+
+
+# ---- result buffers ---------------------------------------------------------
+#
+# A bridge may own the memory of the op results: inside ``with
+# output_allocator(allocate)``, every result buffer (the op outputs and the
+# returned gradients) is ``allocate(shape, dtype)``, which returns the bridge's
+# own array (e.g. a torch tensor from ``torch.empty``) and its CuPy/NumPy view;
+# the kernels write into the view, and ``allocated(view)`` gives the bridge its
+# array back. Temporaries (columns, keys, accumulators) never use it.
+
+_allocator = contextvars.ContextVar("cupydcn_output_allocator", default=None)
+
+
+class _Allocations:
+    def __init__(self, allocate):
+        self.allocate = allocate
+        self.owners = {}  # id(view) -> (view, owner): the view is kept alive, its id unique
+
+    def new(self, shape, dtype):
+        owner, view = self.allocate(tuple(int(s) for s in shape), numpy.dtype(dtype))
+        self.owners[id(view)] = (view, owner)
+        return view
+
+    def owner(self, view):
+        entry = self.owners.get(id(view))
+        return None if entry is None or entry[0] is not view else entry[1]
+
+
+@contextlib.contextmanager
+def output_allocator(allocate):
+    """Within the block, op results are allocated by ``allocate(shape,
+    dtype)`` -> ``(owner, view)`` (``view`` a CuPy or NumPy array sharing
+    ``owner``'s memory, of ``shape`` and the NumPy ``dtype``); yields a
+    function mapping a returned view to its owner (None for any other array)."""
+    allocations = _Allocations(allocate)
+    token = _allocator.set(allocations)
+    try:
+        yield allocations.owner
+    finally:
+        _allocator.reset(token)
+
+
+def empty_result(xp, shape, dtype):
+    """An uninitialised result buffer: the bridge's allocator's when one is
+    set, else ``_config.empty`` (poisoned with NaN in tests either way)."""
+    allocations = _allocator.get()
+    if allocations is None:
+        return _config.empty(xp, shape, dtype)
+    out = allocations.new(shape, dtype)
+    if _config.poison:
+        out.fill(-1 if out.dtype.kind in "iu" else float("nan"))
+    return out
+
+
+def zeros_result(xp, shape, dtype, result=True):
+    """A zero-filled result buffer (see :func:`empty_result`); with ``result``
+    false an ordinary zero array (an accumulator converted at the end)."""
+    if not result or _allocator.get() is None:
+        return xp.zeros(shape, dtype)
+    out = empty_result(xp, shape, dtype)
+    out.fill(0)
+    return out
+
+
+def result(xp, array, dtype=None):
+    """``array`` as a result of ``dtype`` (default its own): the array itself
+    when it already is one (or no allocator is set and no conversion is
+    needed), else converted into a new result buffer."""
+    dtype = array.dtype if dtype is None else numpy.dtype(dtype)
+    allocations = _allocator.get()
+    if allocations is None:
+        return array.astype(dtype, copy=False)
+    if array.dtype == dtype and allocations.owner(array) is not None:
+        return array
+    out = allocations.new(array.shape, dtype)
+    out[...] = array
+    return out
 
 
 class Call:
@@ -109,8 +188,9 @@ class Call:
             if where is None:
                 where, where_name = here, name
             elif here != where:
-                raise ValueError(f"{name} is on {_describe(here)} but {where_name} is on "
-                                 f"{_describe(where)}: all arrays must be on one device")
+                raise _validation.ArgumentError(
+                    f"{name} is on {_describe(here)} but {where_name} is on "
+                    f"{_describe(where)}: all arrays must be on one device")
         self.on_gpu = where is not None and where[0] == "cuda"
         self.device_id = where[1] if self.on_gpu else None
         self._return = _returner(arrays[first_name])

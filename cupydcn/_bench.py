@@ -605,13 +605,11 @@ def detect_gpu():
         import cupy
     except ImportError as error:
         return None, f"CuPy is not installed ({error}); the benchmarks need a CUDA GPU"
-    try:
-        count = cupy.cuda.runtime.getDeviceCount()
-    except Exception as error:  # no driver, no device: CuPy's own words
-        why = (str(error).strip().splitlines() or [type(error).__name__])[0]
-        return None, f"no CUDA GPU visible to CuPy ({why}); the benchmarks need one"
-    if count == 0:
-        return None, "no CUDA GPU visible to CuPy (0 devices); the benchmarks need one"
+    from cupydcn import _gpu
+
+    why = _gpu.no_gpu_reason()
+    if why is not None:
+        return None, f"{why}; the benchmarks need one"
     return GpuPlatform(cupy), None
 
 

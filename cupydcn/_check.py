@@ -12,10 +12,12 @@ from __future__ import annotations
 import platform
 import shutil
 import sys
+import threading
 
 import numpy
 
-from cupydcn import _deform_conv, _dtypes, _kernels, _roi_pool, _validation, reference
+from cupydcn import _deform_conv, _dtypes, _gpu, _kernels, _roi_pool, _validation, reference
+
 
 def environment():
     """(lines describing the machine, the backend to run on or None, why)."""
@@ -30,13 +32,9 @@ def environment():
         cupy = None
     if cupy is not None:
         lines.append(f"CuPy {cupy.__version__}")
-        try:
+        why = _gpu.no_gpu_reason()
+        if why is None:
             count = cupy.cuda.runtime.getDeviceCount()
-        except Exception as error:
-            count, why = 0, f"{error}"
-        else:
-            why = "0 CUDA devices"
-        if count:
             props = cupy.cuda.runtime.getDeviceProperties(cupy.cuda.Device().id)
             name = props["name"].decode() if isinstance(props["name"], bytes) else props["name"]
             driver = cupy.cuda.runtime.driverGetVersion()
@@ -45,7 +43,7 @@ def environment():
                          f"driver {driver // 1000}.{driver % 1000 // 10}, "
                          f"CUDA runtime {runtime // 1000}.{runtime % 1000 // 10}")
             return lines, _kernels.cupy_backend(), "GPU"
-        lines.append(f"GPU: none ({why})")
+        lines.append(why)
     compiler = shutil.which(_kernels.HostBackend().compiler)
     if compiler:
         lines.append(f"running the kernels compiled for the CPU with {compiler} (no GPU)")
@@ -161,6 +159,10 @@ def _psroi_case(backend, dtype):
 CASES = [_conv_case, _roi_case, _psroi_case]
 
 
+def _compile_notice():
+    print("compiling kernels for this machine, first run only ...", flush=True)
+
+
 def main(argv=None):
     lines, backend, where = environment()
     for line in lines:
@@ -168,11 +170,19 @@ def main(argv=None):
     if backend is None:
         return 1
     failures = 0
-    print(f"\n{'op':<34}{'dtype':<10}{'rel. error':>12}{'tolerance':>11}  result   [{where}]")
+    # The first run compiles the kernels (~15 s); a later one finds them cached.
+    # Said only when the first op is slow, i.e. when a compile is under way.
+    notice = threading.Timer(1.0, _compile_notice)
+    notice.daemon = True
+    notice.start()
+    print(f"\n{'op':<34}{'dtype':<10}{'rel. error':>12}{'tolerance':>11}  result   [{where}]",
+          flush=True)
     for dtype in _dtypes.DTYPES.values():
         tolerance = dtype.tolerance
         for case in CASES:
-            for op, err in case(backend, dtype.dtype):
+            results = case(backend, dtype.dtype)
+            notice.cancel()
+            for op, err in results:
                 ok = err <= tolerance
                 failures += not ok
                 print(f"{op:<34}{dtype.name:<10}{err:>12.2e}{tolerance:>11.0e}  "

@@ -52,9 +52,19 @@ def deform_conv2d(input, offset, weight, bias=None, stride=1, padding=0, dilatio
     and the current CuPy stream; NumPy (and CPU DLPack) arrays run the NumPy
     reference. Groups and offset groups are inferred from the shapes.
 
+    Raises:
+        ArgumentError: a bad shape or value (a ``ValueError`` and a
+            ``RuntimeError``), naming the argument, the value and the
+            expectation, e.g. ``offset.shape[1] must be a positive multiple of
+            2*kh*kw = 18, got 16``.
+        ArgumentTypeError: a missing array (None), a non-array or an
+            unsupported dtype (a ``TypeError`` and a ``RuntimeError``).
+
     Example:
         >>> out = cupydcn.deform_conv2d(x, offset, w, padding=1, mask=m)
     """
+    _validation.check_arrays(dict(input=input, offset=offset, weight=weight),
+                             dict(bias=bias, mask=mask))
     call = _arrays.Call(input=input, offset=offset, weight=weight, bias=bias, mask=mask)
     geo = _validation.check_deform_conv2d(call.input, call.offset, call.weight, call.bias,
                                           stride, padding, dilation, call.mask)
@@ -65,7 +75,7 @@ def deform_conv2d(input, offset, weight, bias=None, stride=1, padding=0, dilatio
         else:
             out = reference.deform_conv2d(call.input, call.offset, call.weight, call.bias,
                                           geo.stride, geo.padding, geo.dilation, call.mask)
-            out = out.astype(geo.dtype.dtype)
+            out = _arrays.result(numpy, out, geo.dtype.dtype)
     return call.wrap(out)
 
 
@@ -77,9 +87,12 @@ def deform_conv2d_backward(grad_output, input, offset, weight, bias=None, stride
         grad_output: (B, Cout, Ho, Wo) array, the gradient of the output.
         input, offset, weight, bias, stride, padding, dilation, mask: as for
             :func:`deform_conv2d`.
-        wrt: the names of the gradients to compute, a subset of
-            ``("input", "offset", "weight", "bias", "mask")``; only those are
-            computed (bias and mask only when given).
+        wrt: the names of the gradients to compute, a tuple, list or set of
+            names among ``("input", "offset", "weight", "bias", "mask")`` (a
+            bare string is an error); only those are computed. The default,
+            all five, means every gradient that applies (bias and mask only
+            when given); naming "bias" or "mask" explicitly without the array
+            is an error.
         deterministic: compute the input gradient without floating-point
             atomics (samples sorted by the pixel cell they touch, then one
             gathering thread per input element), so every gradient is
@@ -88,7 +101,13 @@ def deform_conv2d_backward(grad_output, input, offset, weight, bias=None, stride
     Returns:
         DeformConv2dGrads(input, offset, weight, bias, mask), each an array
         shaped like its argument, or None.
+
+    Raises:
+        ArgumentError, ArgumentTypeError: as :func:`deform_conv2d`, and for a
+            bad ``wrt``.
     """
+    _validation.check_arrays(dict(grad_output=grad_output, input=input, offset=offset,
+                                  weight=weight), dict(bias=bias, mask=mask))
     wrt = _validation.check_wrt(wrt, GRADIENTS, bias=bias, mask=mask)
     call = _arrays.Call(input=input, grad_output=grad_output, offset=offset, weight=weight,
                         bias=bias, mask=mask)
@@ -104,7 +123,8 @@ def deform_conv2d_backward(grad_output, input, offset, weight, bias=None, stride
                 call.grad_output, call.input, call.offset, call.weight, call.bias, geo.stride,
                 geo.padding, geo.dilation, call.mask)
             grads = DeformConv2dGrads(*(
-                g.astype(geo.dtype.dtype) if name in wrt and g is not None else None
+                _arrays.result(numpy, g, geo.dtype.dtype) if name in wrt and g is not None
+                else None
                 for name, g in zip(GRADIENTS, full)))
     return call.wrap(grads)
 
@@ -137,6 +157,46 @@ def tiles(geo):
             for b in range(geo.B) for oy0 in range(0, geo.Ho, rows)]
 
 
+# The deterministic input gradient's sort keys, ((bi*offset_groups + g)*cells
+# + cell)*n + s for the n samples of a tile (kernels/deform_conv.cu,
+# deform_sample_keys), are int64: below nb*offset_groups*cells*n.
+_KEY_LIMIT = 2**63 - 1
+
+
+def _key_bound(geo, nb, nrows):
+    cells = (geo.H + 1) * (geo.W + 1) + 1
+    n = nb * geo.offset_groups * geo.kh * geo.kw * nrows * geo.Wo
+    return nb * geo.offset_groups * cells * n
+
+
+def key_safe(geo, plan):
+    """``plan`` with every tile small enough for int64 sort keys: tiles of
+    images split into fewer images, then one image's rows into fewer rows;
+    ArgumentError when one output row of one image is still too large."""
+    safe = []
+    for tile in plan:
+        nb = tile.nb
+        while nb > 1 and _key_bound(geo, nb, tile.nrows) > _KEY_LIMIT:
+            nb = (nb + 1) // 2
+        if _key_bound(geo, nb, tile.nrows) <= _KEY_LIMIT:
+            safe.extend(_Tile(b0, min(nb, tile.b0 + tile.nb - b0), tile.oy0, tile.nrows)
+                        for b0 in range(tile.b0, tile.b0 + tile.nb, nb))
+            continue
+        rows = tile.nrows
+        while rows > 1 and _key_bound(geo, 1, rows) > _KEY_LIMIT:
+            rows = (rows + 1) // 2
+        if _key_bound(geo, 1, rows) > _KEY_LIMIT:
+            cells = (geo.H + 1) * (geo.W + 1) + 1
+            raise _validation.ArgumentError(
+                f"deterministic backward: the sort keys of one output row of one image "
+                f"({geo.offset_groups * geo.kh * geo.kw * geo.Wo} samples on {cells} pixel cells "
+                f"per offset group) overflow int64; use deterministic=False")
+        safe.extend(_Tile(b, 1, oy0, min(rows, tile.oy0 + tile.nrows - oy0))
+                    for b in range(tile.b0, tile.b0 + tile.nb)
+                    for oy0 in range(tile.oy0, tile.oy0 + tile.nrows, rows))
+    return safe
+
+
 def _index_bits(geo, plan):
     taps = geo.kh * geo.kw
     columns = geo.C * taps * max(t.out_rows for t in plan) * geo.Wo
@@ -165,7 +225,7 @@ def forward(backend, geo, input, offset, weight, bias=None, mask=None):
     """The kernel path of deform_conv2d on ``backend`` (validated arguments)."""
     xp = backend.xp
     acc = geo.dtype.acc
-    out = _config.empty(xp, (geo.B, geo.Cout, geo.Ho, geo.Wo), geo.dtype.dtype)
+    out = _arrays.empty_result(xp, (geo.B, geo.Cout, geo.Ho, geo.Wo), geo.dtype.dtype)
     if out.size == 0:
         return out
     input, offset, mask = _kernels.contiguous(xp, input, offset, mask)
@@ -208,17 +268,20 @@ def backward(backend, geo, grad_output, input, offset, weight, mask, wrt, determ
     xp = backend.xp
     dtype, acc = geo.dtype.dtype, geo.dtype.acc
     groups = geo.groups
-    grad_input = xp.zeros(input.shape, acc) if "input" in wrt else None
-    grad_offset = _config.empty(xp, offset.shape, dtype) if "offset" in wrt else None
-    grad_mask = _config.empty(xp, mask.shape, dtype) if "mask" in wrt else None
+    grad_input = (_arrays.zeros_result(xp, input.shape, acc, result=acc == dtype)
+                  if "input" in wrt else None)
+    grad_offset = _arrays.empty_result(xp, offset.shape, dtype) if "offset" in wrt else None
+    grad_mask = _arrays.empty_result(xp, mask.shape, dtype) if "mask" in wrt else None
     grad_weight = (xp.zeros((groups, geo.Cout // groups, geo.C // groups * geo.kh * geo.kw), acc)
                    if "weight" in wrt else None)
-    grad_bias = (grad_output.astype(acc).sum(axis=(0, 2, 3)).astype(dtype)
+    grad_bias = (_arrays.result(xp, grad_output.astype(acc).sum(axis=(0, 2, 3)), dtype)
                  if "bias" in wrt else None)
     if geo.B * geo.Ho * geo.Wo and geo.Cout and wrt - {"bias"}:
         grad_output, input, offset, mask = _kernels.contiguous(xp, grad_output, input, offset, mask)
         weight_g = weight.astype(acc).reshape(groups, geo.Cout // groups, -1)
         plan = tiles(geo)
+        if deterministic and grad_input is not None:
+            plan = key_safe(geo, plan)
         bits = _index_bits(geo, plan)
         for tile in plan:
             grad_out = grad_output[tile.b0:tile.b0 + tile.nb, :, tile.oy0:tile.oy0 + tile.nrows]
@@ -249,7 +312,7 @@ def backward(backend, geo, grad_output, input, offset, weight, mask, wrt, determ
             if g is not None:
                 g.fill(0)
     if grad_input is not None:
-        grad_input = grad_input.astype(dtype, copy=False)
+        grad_input = _arrays.result(xp, grad_input, dtype)
     if grad_weight is not None:
-        grad_weight = grad_weight.reshape(weight.shape).astype(dtype, copy=False)
+        grad_weight = _arrays.result(xp, grad_weight.reshape(weight.shape), dtype)
     return DeformConv2dGrads(grad_input, grad_offset, grad_weight, grad_bias, grad_mask)

@@ -65,6 +65,12 @@ def deform_roi_pool(input, rois, offset=None, output_size=7, spatial_scale=1.0,
     Returns:
         (R, C, ph, pw) array of the input's library, dtype and device.
 
+    Raises:
+        ArgumentError: a bad shape or value, e.g. a batch index outside
+            [0, N) (a ``ValueError`` and a ``RuntimeError``).
+        ArgumentTypeError: a missing array, a non-array or an unsupported or
+            mismatched dtype (a ``TypeError`` and a ``RuntimeError``).
+
     With no offset and no mask this is ``torchvision.ops.roi_align(...,
     aligned=True)``. A RoI with a non-finite coordinate, and a bin with a
     non-finite offset or mask, pools to 0.
@@ -76,6 +82,7 @@ def deform_roi_pool(input, rois, offset=None, output_size=7, spatial_scale=1.0,
         array([[1.  , 1.25],
                [1.5 , 1.75]])
     """
+    _validation.check_arrays(dict(input=input, rois=rois), dict(offset=offset, mask=mask))
     call = _arrays.Call(input=input, rois=rois, offset=offset, mask=mask)
     geo = _validation.check_deform_roi_pool(call.input, call.rois, call.offset, output_size,
                                             spatial_scale, sampling_ratio, gamma, call.mask)
@@ -87,7 +94,7 @@ def deform_roi_pool(input, rois, offset=None, output_size=7, spatial_scale=1.0,
             out = reference.deform_roi_pool(call.input, call.rois, call.offset,
                                             (geo.ph, geo.pw), geo.spatial_scale,
                                             geo.sampling_ratio, geo.gamma, call.mask)
-            out = out.astype(geo.dtype.dtype)
+            out = _arrays.result(numpy, out, geo.dtype.dtype)
     return call.wrap(out)
 
 
@@ -107,8 +114,10 @@ def deform_roi_pool_backward(grad_output, input, rois, offset=None, output_size=
         grad_output: (R, C, ph, pw) array, the gradient of the output.
         input, rois, offset, output_size, spatial_scale, sampling_ratio, gamma,
             mask: as for :func:`deform_roi_pool`.
-        wrt: the gradients to compute, a subset of ``("input", "offset", "mask")``
-            (offset and mask only when given).
+        wrt: the gradients to compute, a tuple, list or set of names among
+            ``("input", "offset", "mask")``; the default (all three) means
+            every one that applies (offset and mask only when given), naming
+            offset or mask without the array is an error.
         deterministic: compute the input gradient without floating-point
             atomics (the samples sorted by the pixel cell they read, then one
             gathering thread per input element), so every gradient is
@@ -127,6 +136,8 @@ def deform_roi_pool_backward(grad_output, input, rois, offset=None, output_size=
     Example:
         >>> grads = cupydcn.deform_roi_pool_backward(g, x, rois, offset, output_size=7)
     """
+    _validation.check_arrays(dict(grad_output=grad_output, input=input, rois=rois),
+                             dict(offset=offset, mask=mask))
     wrt = _validation.check_wrt(wrt, ROI_GRADIENTS, offset=offset, mask=mask)
     call = _arrays.Call(input=input, grad_output=grad_output, rois=rois, offset=offset,
                         mask=mask)
@@ -142,7 +153,8 @@ def deform_roi_pool_backward(grad_output, input, rois, offset=None, output_size=
                 call.grad_output, call.input, call.rois, call.offset, (geo.ph, geo.pw),
                 geo.spatial_scale, geo.sampling_ratio, geo.gamma, call.mask)
             grads = DeformRoIPoolGrads(*(
-                g.astype(geo.dtype.dtype) if name in wrt and g is not None else None
+                _arrays.result(numpy, g, geo.dtype.dtype) if name in wrt and g is not None
+                else None
                 for name, g in zip(ROI_GRADIENTS, full)))
     return call.wrap(grads)
 
@@ -179,10 +191,14 @@ def deform_psroi_pool(input, rois, trans=None, spatial_scale=1.0, output_dim=Non
         accumulation dtype (float32 for float16/bfloat16 inputs, else the
         input's): what :func:`deform_psroi_pool_backward` takes.
 
+    Raises:
+        ArgumentError, ArgumentTypeError: as :func:`deform_roi_pool`.
+
     Example:
         >>> out = cupydcn.deform_psroi_pool(x, rois, trans, spatial_scale=1/16,
         ...                                 group_size=7, pooled_size=7, trans_std=0.1)
     """
+    _validation.check_arrays(dict(input=input, rois=rois), dict(trans=trans))
     call = _arrays.Call(input=input, rois=rois, trans=trans)
     geo = _validation.check_deform_psroi_pool(call.input, call.rois, call.trans, spatial_scale,
                                               output_dim, group_size, pooled_size, part_size,
@@ -194,7 +210,8 @@ def deform_psroi_pool(input, rois, trans=None, spatial_scale=1.0, output_dim=Non
         else:
             out, count = reference.deform_psroi_pool(call.input, call.rois, call.trans,
                                                      **_psroi_keywords(geo))
-            out, count = out.astype(geo.dtype.dtype), count.astype(geo.dtype.acc)
+            out = _arrays.result(numpy, out, geo.dtype.dtype)
+            count = _arrays.result(numpy, count, geo.dtype.acc)
     if return_count:
         return call.wrap(out), call.wrap(count)
     return call.wrap(out)
@@ -217,7 +234,9 @@ def deform_psroi_pool_backward(grad_output, input, rois, trans=None, count=None,
         input, rois, trans and the keywords: as for :func:`deform_psroi_pool`.
         count: the forward's count (``return_count=True``), or None to
             recompute it (the NumPy path always recomputes it).
-        wrt: a subset of ``("input", "trans")`` (trans only when given).
+        wrt: a tuple, list or set of names among ``("input", "trans")``; the
+            default (both) means every one that applies (trans only when
+            given), naming trans without it is an error.
         deterministic: compute both gradients without floating-point atomics
             (input: the samples sorted by (image, class, position-sensitive
             group, pixel cell), then one gathering thread per input element;
@@ -238,6 +257,8 @@ def deform_psroi_pool_backward(grad_output, input, rois, trans=None, count=None,
         >>> out, count = cupydcn.deform_psroi_pool(x, rois, trans, return_count=True)
         >>> grads = cupydcn.deform_psroi_pool_backward(g, x, rois, trans, count)
     """
+    _validation.check_arrays(dict(grad_output=grad_output, input=input, rois=rois),
+                             dict(trans=trans, count=count))
     wrt = _validation.check_wrt(wrt, PSROI_GRADIENTS, trans=trans)
     call = _arrays.Call(input=input, grad_output=grad_output, rois=rois, trans=trans,
                         count=count)
@@ -254,7 +275,8 @@ def deform_psroi_pool_backward(grad_output, input, rois, trans=None, count=None,
             full = reference.deform_psroi_pool_backward(call.grad_output, call.input, call.rois,
                                                         call.trans, **_psroi_keywords(geo))
             grads = DeformPSRoIPoolGrads(*(
-                g.astype(geo.dtype.dtype) if name in wrt and g is not None else None
+                _arrays.result(numpy, g, geo.dtype.dtype) if name in wrt and g is not None
+                else None
                 for name, g in zip(PSROI_GRADIENTS, full)))
     return call.wrap(grads)
 
@@ -283,8 +305,9 @@ def _chunk_cap(cells):
 def _checked(chunks, cells):
     for _, _, samples in chunks:  # only a single bin can pass the cap
         if samples > _KEY_LIMIT // (cells + 1):
-            raise ValueError(f"deterministic backward: {samples} samples of one bin on "
-                             f"{cells} pixel cells overflow the int64 sort keys")
+            raise _validation.ArgumentError(
+                f"deterministic backward: {samples} samples of one bin on "
+                f"{cells} pixel cells overflow the int64 sort keys")
     return chunks
 
 
@@ -343,7 +366,7 @@ def _roi_args(geo):
 def roi_pool_forward(backend, geo, input, rois, offset=None, mask=None):
     """The kernel path of deform_roi_pool on ``backend`` (validated arguments)."""
     xp = backend.xp
-    out = _config.empty(xp, (geo.R, geo.C, geo.ph, geo.pw), geo.dtype.dtype)
+    out = _arrays.empty_result(xp, (geo.R, geo.C, geo.ph, geo.pw), geo.dtype.dtype)
     if out.size == 0:
         return out
     input, rois, offset, mask = _kernels.contiguous(xp, input, rois, offset, mask)
@@ -381,10 +404,11 @@ def roi_pool_backward(backend, geo, grad_output, input, rois, offset=None, mask=
     atomic-free input gradient."""
     xp = backend.xp
     dtype, acc = geo.dtype.dtype, geo.dtype.acc
-    grad_input = xp.zeros(input.shape, acc) if "input" in wrt else None
-    grad_offset = (_config.empty(xp, offset.shape, dtype)
+    grad_input = (_arrays.zeros_result(xp, input.shape, acc, result=acc == dtype)
+                  if "input" in wrt else None)
+    grad_offset = (_arrays.empty_result(xp, offset.shape, dtype)
                    if "offset" in wrt and offset is not None else None)
-    grad_mask = (_config.empty(xp, mask.shape, dtype)
+    grad_mask = (_arrays.empty_result(xp, mask.shape, dtype)
                  if "mask" in wrt and mask is not None else None)
     if geo.R * geo.C * geo.ph * geo.pw:
         grad_output, input, rois, offset, mask = _kernels.contiguous(xp, grad_output, input, rois,
@@ -406,7 +430,7 @@ def roi_pool_backward(backend, geo, grad_output, input, rois, offset=None, mask=
             if g is not None:
                 g.fill(0)
     if grad_input is not None:
-        grad_input = grad_input.astype(dtype, copy=False)
+        grad_input = _arrays.result(xp, grad_input, dtype)
     return DeformRoIPoolGrads(grad_input, grad_offset, grad_mask)
 
 
@@ -431,8 +455,8 @@ def psroi_pool_forward(backend, geo, input, rois, trans=None):
     accumulation dtype."""
     xp = backend.xp
     shape = (geo.R, geo.output_dim, geo.pooled_size, geo.pooled_size)
-    out = _config.empty(xp, shape, geo.dtype.dtype)
-    count = _config.empty(xp, shape, geo.dtype.acc)
+    out = _arrays.empty_result(xp, shape, geo.dtype.dtype)
+    count = _arrays.empty_result(xp, shape, geo.dtype.acc)
     if out.size == 0:
         return out, count
     input, rois, trans = _kernels.contiguous(xp, input, rois, trans)
@@ -468,12 +492,13 @@ def psroi_pool_backward(backend, geo, grad_output, input, rois, trans=None, coun
     gradients."""
     xp = backend.xp
     dtype, acc = geo.dtype.dtype, geo.dtype.acc
-    grad_input = xp.zeros(input.shape, acc) if "input" in wrt else None
+    grad_input = (_arrays.zeros_result(xp, input.shape, acc, result=acc == dtype)
+                  if "input" in wrt else None)
     n = geo.R * geo.output_dim * geo.pooled_size**2
     grad_trans = None
     if "trans" in wrt and trans is not None:  # the trans gather writes every element
         grad_trans = (_config.empty(xp, trans.shape, acc) if deterministic and n
-                      else xp.zeros(trans.shape, acc))
+                      else xp.zeros(trans.shape, acc))  # converted to a result at the end
     if n and (grad_input is not None or grad_trans is not None):
         if count is None:
             count = psroi_pool_forward(backend, geo, input, rois, trans)[1]
@@ -495,7 +520,7 @@ def psroi_pool_backward(backend, geo, grad_output, input, rois, trans=None, coun
                            geo.R * geo.num_classes * geo.pooled_size**2,
                            [grad_output, input, rois, trans, count, grad_trans, *args])
     if grad_input is not None:
-        grad_input = grad_input.astype(dtype, copy=False)
+        grad_input = _arrays.result(xp, grad_input, dtype)
     if grad_trans is not None:
-        grad_trans = grad_trans.astype(dtype, copy=False)
+        grad_trans = _arrays.result(xp, grad_trans, dtype)
     return DeformPSRoIPoolGrads(grad_input, grad_trans)

@@ -2,8 +2,13 @@
 
 Checks work on anything with ``.shape`` and ``.dtype`` (NumPy, CuPy, torch,
 TensorFlow), so the same mistake gets the same message everywhere. Messages name
-the argument, the value received and the value expected. Shape errors raise
-ValueError, dtype and type errors TypeError.
+the argument, the value received and the value expected.
+
+Errors: bad values and shapes raise :class:`ArgumentError`, bad types and dtypes
+:class:`ArgumentTypeError`. Each is both the Python-style class (``ValueError``,
+``TypeError``) and ``RuntimeError`` (what torchvision raises for the same
+mistakes), so ``except ValueError`` and ``except RuntimeError`` both catch them,
+whichever entry point (core, torch, TensorFlow, Keras) raised them.
 """
 
 from __future__ import annotations
@@ -14,6 +19,48 @@ from typing import NamedTuple
 import numpy
 
 from cupydcn import _dtypes
+
+
+class ArgumentError(ValueError, RuntimeError):
+    """A bad argument value or shape. Catch it as ``ValueError`` (Python's
+    habit) or ``RuntimeError`` (what torchvision raises for a bad size)."""
+
+
+class ArgumentTypeError(TypeError, RuntimeError):
+    """A bad argument type or dtype (an array that is None or a list, a
+    float16 offset for a float32 input). Catch it as ``TypeError`` or
+    ``RuntimeError``."""
+
+
+ARRAY = "a NumPy, CuPy or DLPack-capable array"
+
+
+def type_name(x):
+    """``x``'s type as a user reads it: "None", "list", "numpy.ndarray"."""
+    if x is None:
+        return "None"
+    kind = type(x)
+    module = kind.__module__.split(".")[0]
+    return kind.__name__ if module == "builtins" else f"{module}.{kind.__name__}"
+
+
+def check_arrays(required, optional=(), expected=ARRAY, accepts=None):
+    """Every array argument present and of an accepted type.
+
+    ``required`` and ``optional`` map names to values; a required value may
+    not be None, an optional one may. ``accepts(x)`` says whether a value is of
+    the right kind (default: any; the core's interchange checks the kinds);
+    ``expected`` names that kind in the message, e.g. "offset must be a NumPy,
+    CuPy or DLPack-capable array, got None".
+    """
+    accepts = accepts or (lambda x: True)
+    for arrays, may_be_none in ((required, False), (dict(optional), True)):
+        for name, x in arrays.items():
+            if x is None and may_be_none:
+                continue
+            if x is None or not accepts(x):
+                or_none = " or None" if may_be_none else ""
+                raise ArgumentTypeError(f"{name} must be {expected}{or_none}, got {type_name(x)}")
 
 
 def shape_of(x):
@@ -32,7 +79,10 @@ def dtype_of(x, name):
         for row in _dtypes.DTYPES.values():
             if row.name == dtype:
                 return row
-    return _dtypes.lookup(dtype, name)
+    try:
+        return _dtypes.lookup(dtype, name)
+    except TypeError as error:  # the dtype table's message, as this module's error
+        raise ArgumentTypeError(str(error)) from None
 
 
 def pair(value, name, minimum):
@@ -47,30 +97,46 @@ def pair(value, name, minimum):
         if (items is None or len(items) != 2
                 or not all(isinstance(v, numbers.Integral) and not isinstance(v, bool)
                            for v in items)):
-            raise TypeError(f"{name} must be an int or a pair of ints, got {value!r}")
+            raise ArgumentTypeError(f"{name} must be an int or a pair of ints, got {value!r}")
         result = (int(items[0]), int(items[1]))
     if min(result) < minimum:
-        raise ValueError(f"{name} must be >= {minimum}, got {value!r}")
+        raise ArgumentError(f"{name} must be >= {minimum}, got {value!r}")
     return result
 
 
 def check_wrt(wrt, names, **optional):
-    """``wrt`` (a gradient name or names among ``names``) as a frozenset, less
-    the optional arrays not given (``bias=None`` drops "bias")."""
-    if isinstance(wrt, str):
-        wrt = (wrt,)
+    """``wrt`` (a tuple, list or set of gradient names among ``names``) as a
+    frozenset. ``optional`` maps the optional arrays' names to their values:
+    naming one that is None is an error (``wrt=("mask",)`` without a mask),
+    except when ``wrt`` names every gradient (the default, meaning every one
+    that applies), which drops the arrays not given."""
+    if isinstance(wrt, (str, bytes)):  # one name, not a collection of names
+        raise ArgumentError(f"wrt must name gradients among {tuple(names)} as a tuple, list "
+                            f"or set of names, got the string {wrt!r}")
+    if not isinstance(wrt, (tuple, list, set, frozenset)):
+        raise ArgumentTypeError(f"wrt must name gradients among {tuple(names)} as a tuple, list "
+                                f"or set of names, got {wrt!r}")
+    if not all(isinstance(name, str) for name in wrt):
+        raise ArgumentTypeError(f"wrt must name gradients among {tuple(names)}, got {wrt!r}")
     wrt = frozenset(wrt)
     unknown = wrt - set(names)
     if unknown:
-        raise ValueError(f"wrt must name gradients among {tuple(names)}, got {sorted(unknown)}")
-    return wrt - {name for name, array in optional.items() if array is None}
+        raise ArgumentError(f"wrt must name gradients among {tuple(names)}, got {sorted(unknown)}")
+    absent = {name for name, array in optional.items() if array is None}
+    if wrt != set(names) and wrt & absent:
+        missing = sorted(wrt & absent)
+        raise ArgumentError(f"wrt names {', '.join(map(repr, missing))} but "
+                            f"{' and '.join(missing)} {'is' if len(missing) == 1 else 'are'} "
+                            f"None: pass {' and '.join(missing)} or leave "
+                            f"{'it' if len(missing) == 1 else 'them'} out of wrt")
+    return wrt - absent
 
 
 def check_rank(x, name, layout):
     shape = shape_of(x)
     rank = len(layout.split(","))
     if len(shape) != rank:
-        raise ValueError(f"{name} must be {rank}-D {layout}, got shape {shape}")
+        raise ArgumentError(f"{name} must be {rank}-D {layout}, got shape {shape}")
     return shape
 
 
@@ -79,7 +145,8 @@ def check_dtype_matches(reference, name, x, x_name):
     row = dtype_of(reference, name)
     other = dtype_of(x, x_name)
     if other.name != row.name:
-        raise TypeError(f"{x_name}.dtype must match {name}.dtype = {row.name}, got {other.name}")
+        raise ArgumentTypeError(
+            f"{x_name}.dtype must match {name}.dtype = {row.name}, got {other.name}")
     return row
 
 
@@ -115,48 +182,52 @@ def check_deform_conv2d(input, offset, weight, bias=None, stride=1, padding=0, d
         if other is not None:
             check_dtype_matches(input, "input", other, other_name)
     if kh < 1 or kw < 1:
-        raise ValueError(f"weight.shape[2:] (kh, kw) must be >= 1, got {(kh, kw)}")
+        raise ArgumentError(f"weight.shape[2:] (kh, kw) must be >= 1, got {(kh, kw)}")
     if Cg < 1:
-        raise ValueError(f"weight.shape[1] (C/groups) must be >= 1, got {Cg}")
+        raise ArgumentError(f"weight.shape[1] (C/groups) must be >= 1, got {Cg}")
     if C % Cg:
-        raise ValueError(f"input.shape[1] (C = {C}) must be divisible by weight.shape[1] "
-                         f"(C/groups = {Cg})")
+        raise ArgumentError(f"input.shape[1] (C = {C}) must be divisible by weight.shape[1] "
+                            f"(C/groups = {Cg})")
     groups = C // Cg
     if Cout % groups:
-        raise ValueError(f"weight.shape[0] (Cout = {Cout}) must be divisible by groups = {groups} "
-                         f"(input.shape[1] / weight.shape[1])")
+        raise ArgumentError(
+            f"weight.shape[0] (Cout = {Cout}) must be divisible by groups = {groups} "
+            f"(input.shape[1] / weight.shape[1])")
     span_h = dilation[0] * (kh - 1) + 1
     span_w = dilation[1] * (kw - 1) + 1
     if H + 2 * padding[0] < span_h or W + 2 * padding[1] < span_w:
-        raise ValueError(f"the dilated kernel ({span_h}, {span_w}) is larger than the padded input "
-                         f"({H + 2 * padding[0]}, {W + 2 * padding[1]})")
+        raise ArgumentError(
+            f"the dilated kernel ({span_h}, {span_w}) is larger than the padded input "
+            f"({H + 2 * padding[0]}, {W + 2 * padding[1]})")
     Ho = (H + 2 * padding[0] - span_h) // stride[0] + 1
     Wo = (W + 2 * padding[1] - span_w) // stride[1] + 1
 
     offset_shape = check_rank(offset, "offset", "(B, 2*offset_groups*kh*kw, Ho, Wo)")
     taps = kh * kw
     if offset_shape[0] != B:
-        raise ValueError(f"offset.shape[0] must be B = {B}, got {offset_shape[0]}")
+        raise ArgumentError(f"offset.shape[0] must be B = {B}, got {offset_shape[0]}")
     if offset_shape[1] < 2 * taps or offset_shape[1] % (2 * taps):
-        raise ValueError(f"offset.shape[1] must be a positive multiple of 2*kh*kw = {2 * taps}, "
-                         f"got {offset_shape[1]}")
+        raise ArgumentError(f"offset.shape[1] must be a positive multiple of 2*kh*kw = {2 * taps}, "
+                            f"got {offset_shape[1]}")
     offset_groups = offset_shape[1] // (2 * taps)
     if C % offset_groups:
-        raise ValueError(f"input.shape[1] (C = {C}) must be divisible by offset_groups = "
-                         f"{offset_groups} (offset.shape[1] / (2*kh*kw))")
+        raise ArgumentError(f"input.shape[1] (C = {C}) must be divisible by offset_groups = "
+                            f"{offset_groups} (offset.shape[1] / (2*kh*kw))")
     if offset_shape[2:] != (Ho, Wo):
-        raise ValueError(f"offset.shape[2:] must be (Ho, Wo) = {(Ho, Wo)}, got {offset_shape[2:]}")
+        raise ArgumentError(
+            f"offset.shape[2:] must be (Ho, Wo) = {(Ho, Wo)}, got {offset_shape[2:]}")
     if mask is not None:
         expected = (B, offset_groups * taps, Ho, Wo)
         mask_shape = check_rank(mask, "mask", "(B, offset_groups*kh*kw, Ho, Wo)")
         if mask_shape != expected:
-            raise ValueError(f"mask.shape must be (B, offset_groups*kh*kw, Ho, Wo) = {expected}, "
-                             f"got {mask_shape}")
+            raise ArgumentError(
+                f"mask.shape must be (B, offset_groups*kh*kw, Ho, Wo) = {expected}, "
+                f"got {mask_shape}")
     if bias is not None and shape_of(bias) != (Cout,):
-        raise ValueError(f"bias.shape must be (Cout,) = {(Cout,)}, got {shape_of(bias)}")
+        raise ArgumentError(f"bias.shape must be (Cout,) = {(Cout,)}, got {shape_of(bias)}")
     if grad_output is not None and shape_of(grad_output) != (B, Cout, Ho, Wo):
-        raise ValueError(f"grad_output.shape must be (B, Cout, Ho, Wo) = {(B, Cout, Ho, Wo)}, "
-                         f"got {shape_of(grad_output)}")
+        raise ArgumentError(f"grad_output.shape must be (B, Cout, Ho, Wo) = {(B, Cout, Ho, Wo)}, "
+                            f"got {shape_of(grad_output)}")
     return ConvGeometry(B, C, H, W, Cout, kh, kw, groups, offset_groups, Ho, Wo, stride, padding,
                         dilation, dtype)
 
@@ -169,20 +240,20 @@ def check_deform_conv2d(input, offset, weight, bias=None, stride=1, padding=0, d
 def _real(value, name, positive=False):
     """``value`` as a finite float (> 0 when ``positive``)."""
     if isinstance(value, bool) or not isinstance(value, numbers.Real):
-        raise TypeError(f"{name} must be a real number, got {value!r}")
+        raise ArgumentTypeError(f"{name} must be a real number, got {value!r}")
     result = float(value)
     if not numpy.isfinite(result) or (positive and result <= 0):
-        raise ValueError(f"{name} must be a finite number{' > 0' if positive else ''}, "
-                         f"got {value!r}")
+        raise ArgumentError(f"{name} must be a finite number{' > 0' if positive else ''}, "
+                            f"got {value!r}")
     return result
 
 
 def _int(value, name, minimum):
     """``value`` as an int of at least ``minimum``."""
     if isinstance(value, bool) or not isinstance(value, numbers.Integral):
-        raise TypeError(f"{name} must be an int, got {value!r}")
+        raise ArgumentTypeError(f"{name} must be an int, got {value!r}")
     if value < minimum:
-        raise ValueError(f"{name} must be >= {minimum}, got {value!r}")
+        raise ArgumentError(f"{name} must be >= {minimum}, got {value!r}")
     return int(value)
 
 
@@ -196,13 +267,13 @@ def check_roi_batch_indices(rois, N):
     bad = ~((column >= 0) & (column < N) & (column == column.round()))  # NaN fails all
     if bool(bad.any()):
         got = float(column[bad][0])
-        raise ValueError(f"rois[:, 0] must hold batch indices in [0, N) = [0, {N}), got {got}")
+        raise ArgumentError(f"rois[:, 0] must hold batch indices in [0, N) = [0, {N}), got {got}")
 
 
 def _check_rois(input, rois):
     shape = shape_of(rois)
     if len(shape) != 2 or shape[1] != 5:
-        raise ValueError(f"rois.shape must be (R, 5), got {shape}")
+        raise ArgumentError(f"rois.shape must be (R, 5), got {shape}")
     check_dtype_matches(input, "input", rois, "rois")
     return shape[0]
 
@@ -210,7 +281,7 @@ def _check_rois(input, rois):
 def _check_shape(x, name, layout, expected):
     got = shape_of(x)
     if got != expected:
-        raise ValueError(f"{name}.shape must be {layout} = {expected}, got {got}")
+        raise ArgumentError(f"{name}.shape must be {layout} = {expected}, got {got}")
 
 
 class RoIPoolGeometry(NamedTuple):
@@ -291,22 +362,22 @@ def check_deform_psroi_pool(input, rois, trans=None, spatial_scale=1.0, output_d
         output_dim = C // group_size**2
     output_dim = _int(output_dim, "output_dim", 0)
     if output_dim * group_size**2 != C:
-        raise ValueError(f"output_dim*group_size**2 = {output_dim}*{group_size}**2 = "
-                         f"{output_dim * group_size**2} must equal input.shape[1] = {C}")
+        raise ArgumentError(f"output_dim*group_size**2 = {output_dim}*{group_size}**2 = "
+                            f"{output_dim * group_size**2} must equal input.shape[1] = {C}")
     R = _check_rois(input, rois)
     part = part_size or pooled_size
     num_classes = 1
     if trans is not None:
         shape = check_rank(trans, "trans", "(R, 2*num_classes, part_size, part_size)")
         if shape[0] != R:
-            raise ValueError(f"trans.shape[0] must be R = {R}, got {shape[0]}")
+            raise ArgumentError(f"trans.shape[0] must be R = {R}, got {shape[0]}")
         if shape[1] < 2 or shape[1] % 2 or output_dim % (shape[1] // 2):
-            raise ValueError(f"trans.shape[1] must be 2*num_classes with num_classes dividing "
-                             f"output_dim = {output_dim}, got {shape[1]}")
+            raise ArgumentError(f"trans.shape[1] must be 2*num_classes with num_classes dividing "
+                                f"output_dim = {output_dim}, got {shape[1]}")
         num_classes = shape[1] // 2
         if shape[2:] != (part, part):
-            raise ValueError(f"trans.shape[2:] must be (part_size, part_size) = {(part, part)}, "
-                             f"got {shape[2:]}")
+            raise ArgumentError(f"trans.shape[2:] must be (part_size, part_size) = {(part, part)}, "
+                                f"got {shape[2:]}")
     out_shape = (R, output_dim, pooled_size, pooled_size)
     if grad_output is not None:
         _check_shape(grad_output, "grad_output", "(R, output_dim, pooled_size, pooled_size)",
@@ -316,7 +387,7 @@ def check_deform_psroi_pool(input, rois, trans=None, spatial_scale=1.0, output_d
         if got.dtype not in (dtype.acc, dtype.dtype):
             allowed = (dtype.name if dtype.acc == dtype.dtype else
                        f"{dtype.acc.name} (the accumulation dtype of {dtype.name}) or {dtype.name}")
-            raise TypeError(f"count.dtype must be {allowed}, got {got.name}")
+            raise ArgumentTypeError(f"count.dtype must be {allowed}, got {got.name}")
         _check_shape(count, "count", "(R, output_dim, pooled_size, pooled_size)", out_shape)
     if check_batch:
         check_roi_batch_indices(rois, N)

@@ -44,6 +44,7 @@ import keras
 from keras import ops
 
 from cupydcn import _validation
+from cupydcn._validation import ArgumentError
 
 __all__ = ["DeformConv2D", "DeformRoIPool2D", "ModulatedDeformConv2D"]
 
@@ -54,8 +55,8 @@ def _check_backend():
     """Keras's backend name, if cupydcn has a bridge for it."""
     backend = keras.backend.backend()
     if backend not in _BACKENDS:
-        raise ValueError(f"cupydcn.keras supports the 'jax', 'torch' and 'tensorflow' Keras "
-                         f"backends, got {backend!r}")
+        raise ArgumentError(f"cupydcn.keras supports the 'jax', 'torch' and 'tensorflow' Keras "
+                            f"backends, got {backend!r}")
     return backend
 
 
@@ -88,8 +89,8 @@ def _padding_arg(padding):
     if isinstance(padding, str):
         padding = padding.lower()
         if padding not in ("valid", "same"):
-            raise ValueError(f"padding must be 'valid', 'same', an int or a pair of ints, "
-                             f"got {padding!r}")
+            raise ArgumentError(f"padding must be 'valid', 'same', an int or a pair of ints, "
+                                f"got {padding!r}")
         return padding
     return _validation.pair(padding, "padding", 0)
 
@@ -97,8 +98,8 @@ def _padding_arg(padding):
 def _data_format(data_format):
     data_format = keras.config.image_data_format() if data_format is None else data_format
     if data_format not in ("channels_last", "channels_first"):
-        raise ValueError(f"data_format must be 'channels_last' or 'channels_first', "
-                         f"got {data_format!r}")
+        raise ArgumentError(f"data_format must be 'channels_last' or 'channels_first', "
+                            f"got {data_format!r}")
     return data_format
 
 
@@ -140,11 +141,11 @@ class _DeformConv2DBase(keras.layers.Layer):
         self.kernel_constraint = keras.constraints.get(kernel_constraint)
         self.bias_constraint = keras.constraints.get(bias_constraint)
         if self.filters < 1 or self.groups < 1 or self.deform_groups < 1:
-            raise ValueError(f"filters, groups and deform_groups must be >= 1, got "
-                             f"{self.filters}, {self.groups}, {self.deform_groups}")
+            raise ArgumentError(f"filters, groups and deform_groups must be >= 1, got "
+                                f"{self.filters}, {self.groups}, {self.deform_groups}")
         if self.filters % self.groups:
-            raise ValueError(f"filters = {self.filters} must be divisible by groups = "
-                             f"{self.groups}")
+            raise ArgumentError(f"filters = {self.filters} must be divisible by groups = "
+                                f"{self.groups}")
         self.input_spec = keras.layers.InputSpec(ndim=4)
         self.supports_jit = _supports_jit()
 
@@ -159,12 +160,12 @@ class _DeformConv2DBase(keras.layers.Layer):
     def build(self, input_shape):
         channels = input_shape[self._channel_axis()]
         if channels is None:
-            raise ValueError(f"{type(self).__name__} needs a known number of input channels, "
-                             f"got input shape {tuple(input_shape)}")
+            raise ArgumentError(f"{type(self).__name__} needs a known number of input channels, "
+                                f"got input shape {tuple(input_shape)}")
         for divisor, name in ((self.groups, "groups"), (self.deform_groups, "deform_groups")):
             if channels % divisor:
-                raise ValueError(f"the input's channels ({channels}) must be divisible by "
-                                 f"{name} = {divisor}")
+                raise ArgumentError(f"the input's channels ({channels}) must be divisible by "
+                                    f"{name} = {divisor}")
         kh, kw = self.kernel_size
         self.kernel = self.add_weight(
             name="kernel", shape=(kh, kw, channels // self.groups, self.filters),
@@ -198,8 +199,8 @@ class _DeformConv2DBase(keras.layers.Layer):
             if s == 1:
                 total = span - 1
             elif size is None:
-                raise ValueError(f"padding='same' with strides > 1 needs a known input "
-                                 f"{axis}, got None")
+                raise ArgumentError(f"padding='same' with strides > 1 needs a known input "
+                                    f"{axis}, got None")
             else:
                 total = max((math.ceil(size / s) - 1) * s + span - size, 0)
             pads += [total // 2, total - total // 2]
@@ -375,8 +376,8 @@ class DeformRoIPool2D(keras.layers.Layer):
         self.fc_channels = int(fc_channels)
         self.data_format = _data_format(data_format)
         if self.modulated and not self.learn_offsets:
-            raise ValueError("modulated=True needs learn_offsets=True (mmcv's "
-                             "ModulatedDeformRoIPoolPack learns both)")
+            raise ArgumentError("modulated=True needs learn_offsets=True (mmcv's "
+                                "ModulatedDeformRoIPoolPack learns both)")
         self.supports_jit = _supports_jit()
         bins = self.output_size[0] * self.output_size[1]
         self.offset_fc = self.mask_fc = None
@@ -391,11 +392,12 @@ class DeformRoIPool2D(keras.layers.Layer):
 
     def _split(self, inputs):
         if not isinstance(inputs, (list, tuple)) or len(inputs) not in (2, 3):
-            raise ValueError("DeformRoIPool2D takes [features, rois] or [features, rois, offset], "
-                             f"got {type(inputs).__name__}")
+            raise ArgumentError(
+                "DeformRoIPool2D takes [features, rois] or [features, rois, offset], "
+                f"got {type(inputs).__name__}")
         if len(inputs) == 3 and self.learn_offsets:
-            raise ValueError("DeformRoIPool2D(learn_offsets=True) predicts its offsets: "
-                             "call it on [features, rois]")
+            raise ArgumentError("DeformRoIPool2D(learn_offsets=True) predicts its offsets: "
+                                "call it on [features, rois]")
         return inputs[0], inputs[1], inputs[2] if len(inputs) == 3 else None
 
     def build(self, input_shape):
@@ -403,8 +405,8 @@ class DeformRoIPool2D(keras.layers.Layer):
         channels = features[-1 if self.data_format == "channels_last" else 1]
         flat = None if channels is None else channels * self.output_size[0] * self.output_size[1]
         if self.learn_offsets and flat is None:
-            raise ValueError("DeformRoIPool2D(learn_offsets=True) needs a known number of "
-                             "feature channels")
+            raise ArgumentError("DeformRoIPool2D(learn_offsets=True) needs a known number of "
+                                "feature channels")
         for stack in (self.offset_fc, self.mask_fc):
             shape = (None, flat)
             for dense in stack or ():

@@ -188,13 +188,26 @@ _plain_python = tf.autograph.experimental.do_not_convert
 
 def _channels_last(data_format):
     if data_format not in ("channels_last", "channels_first"):
-        raise ValueError(f"data_format must be 'channels_last' or 'channels_first', "
-                         f"got {data_format!r}")
+        raise _validation.ArgumentError(f"data_format must be 'channels_last' or "
+                                        f"'channels_first', got {data_format!r}")
     return data_format == "channels_last"
 
 
-def _tensor(x):
-    return None if x is None else tf.convert_to_tensor(x)
+_TENSOR = "a tf.Tensor (or what tf.convert_to_tensor takes)"
+
+
+def _tensors(required, optional=()):
+    """The tensor arguments as tensors (None stays None for the optional
+    ones), in order; a clear error for a missing or unconvertible one."""
+    _validation.check_arrays(required, optional, expected=_TENSOR)
+    converted = []
+    for name, x in (*required.items(), *dict(optional).items()):
+        try:
+            converted.append(None if x is None else tf.convert_to_tensor(x))
+        except (TypeError, ValueError) as error:
+            raise _validation.ArgumentTypeError(
+                f"{name} must be {_TENSOR}, got {_validation.type_name(x)} ({error})") from None
+    return converted
 
 
 def _nchw(x, name, layout):
@@ -233,7 +246,7 @@ def _static_check(check, channels_last, *args, **kwargs):
     except (TypeError, ValueError) as error:
         if channels_last:
             raise type(error)(f"{error} (shapes in NCHW terms: the channels_last arrays "
-                              "are transposed to NCHW for the kernels)") from error
+                       "are transposed to NCHW for the kernels)") from error
         raise
 
 
@@ -270,7 +283,8 @@ def deform_conv2d(input, offset, weight, bias=None, stride=1, padding=0, dilatio
     stride = _validation.pair(stride, "stride", 1)
     padding = _validation.pair(padding, "padding", 0)
     dilation = _validation.pair(dilation, "dilation", 1)
-    input, offset, weight, bias, mask = map(_tensor, (input, offset, weight, bias, mask))
+    input, offset, weight, bias, mask = _tensors(dict(input=input, offset=offset, weight=weight),
+                                                 dict(bias=bias, mask=mask))
     if channels_last:
         input = _nchw(input, "input", "(B, H, W, C)")
         offset = _nchw(offset, "offset", "(B, Ho, Wo, 2*offset_groups*kh*kw)")
@@ -328,7 +342,8 @@ def deform_roi_pool(input, rois, offset=None, output_size=7, spatial_scale=1.0, 
     """
     channels_last = _channels_last(data_format)
     ph, pw = _validation.pair(output_size, "output_size", 1)
-    input, rois, offset, mask = map(_tensor, (input, rois, offset, mask))
+    input, rois, offset, mask = _tensors(dict(input=input, rois=rois),
+                                         dict(offset=offset, mask=mask))
     if channels_last:
         input = _nchw(input, "input", "(N, H, W, C)")
         offset = _nchw(offset, "offset", "(R, ph, pw, 2)")
@@ -380,7 +395,7 @@ def deform_psroi_pool(input, rois, trans=None, spatial_scale=1.0, output_dim=Non
         (R, output_dim, pooled_size, pooled_size) with channels_first.
     """
     channels_last = _channels_last(data_format)
-    input, rois, trans = map(_tensor, (input, rois, trans))
+    input, rois, trans = _tensors(dict(input=input, rois=rois), dict(trans=trans))
     if channels_last:
         input = _nchw(input, "input", "(N, H, W, output_dim*group_size**2)")
         trans = _nchw(trans, "trans", "(R, part_size, part_size, 2*num_classes)")

@@ -167,7 +167,11 @@ __device__ __forceinline__ void dcn_conv_bilinear_grad(const T* plane, I H, I W,
 }
 
 // Grid-stride loop over [0, n): the launch helper picks the grid, kernels
-// never assume one thread per item.
+// never assume one thread per item. The step cannot overflow the index type I:
+// i advances by the stride only while n - i > stride (so i + stride < n),
+// else it jumps to n and the loop ends. A plain i += stride would wrap for n
+// within one stride of I's maximum (2^31 - 1 for int), e.g. n = 2^31 - 100.
 #define DCN_KERNEL_LOOP(i, I, n)                                              \
-  for (I i = (I)blockIdx.x * (I)blockDim.x + (I)threadIdx.x; i < (n);        \
-       i += (I)blockDim.x * (I)gridDim.x)
+  for (I i = (I)blockIdx.x * (I)blockDim.x + (I)threadIdx.x,                  \
+         i##_stride = (I)blockDim.x * (I)gridDim.x;                           \
+       i < (n); i = ((n) - i > i##_stride) ? (I)(i + i##_stride) : (I)(n))

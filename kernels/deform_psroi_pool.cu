@@ -49,7 +49,10 @@
 // (b, c_in, yy, xx), takes c_out = c_in / G^2, (gy, gx) from c_in % G^2 and
 // cls = c_out / (output_dim / num_classes), visits the cells (yy-1, xx-1),
 // (yy-1, xx), (yy, xx-1), (yy, xx) of segment (b, cls, gy, gx) and in each the
-// samples in key order, recomputes each with the forward's helpers, reads
+// samples in key order, recomputes each position with the forward's helpers
+// and weighs it against the cell being visited, the one the key kernel chose
+// (dcn_psroi_corners_at: no second range check or floor, so a position the
+// two kernels round one ulp apart is never dropped), reads
 // count and grad_output of output element (r, c_out, py, px), adds the sample's
 // corner terms whose pixel is (yy, xx) in registers, then adds the sum to
 // grad_input once. Memory: per chunk about 32 bytes per sample at the peak
@@ -146,22 +149,32 @@ struct dcn_psroi_corners {
   A dist_x, dist_y;
 };
 
+// The corners of the sample (h, w), after the clamp, against the cell whose
+// top-left corner is (y0, x0), y0 in [0, H-1], x0 in [0, W-1]: the
+// deterministic gather passes the cell the key kernel chose, so a position
+// that the two kernels round one ulp apart is still weighed, never dropped.
 template <typename I, typename A>
-__device__ __forceinline__ bool dcn_psroi_corners_setup(I H, I W, A h, A w,
-                                                        dcn_psroi_corners<I, A>* s) {
-  if (!(w >= (A)-0.5 && w <= (A)W - (A)0.5 && h >= (A)-0.5 && h <= (A)H - (A)0.5)) return false;
+__device__ __forceinline__ void dcn_psroi_corners_at(I H, I W, A h, A w, I y0, I x0,
+                                                     dcn_psroi_corners<I, A>* s) {
   w = w < (A)0 ? (A)0 : (w > (A)(W - 1) ? (A)(W - 1) : w);
   h = h < (A)0 ? (A)0 : (h > (A)(H - 1) ? (A)(H - 1) : h);
-  const A xf = dcn_floor(w), yf = dcn_floor(h);
-  const I x0 = (I)xf, y0 = (I)yf;
-  const I x1 = xf < w ? x0 + 1 : x0;  // ceil
-  const I y1 = yf < h ? y0 + 1 : y0;
-  s->dist_x = w - xf;
-  s->dist_y = h - yf;
+  const I x1 = (A)x0 < w ? x0 + 1 : x0;  // ceil
+  const I y1 = (A)y0 < h ? y0 + 1 : y0;
+  s->dist_x = w - (A)x0;
+  s->dist_y = h - (A)y0;
   s->i00 = y0 * W + x0;
   s->i01 = y0 * W + x1;
   s->i10 = y1 * W + x0;
   s->i11 = y1 * W + x1;
+}
+
+template <typename I, typename A>
+__device__ __forceinline__ bool dcn_psroi_corners_setup(I H, I W, A h, A w,
+                                                        dcn_psroi_corners<I, A>* s) {
+  if (!(w >= (A)-0.5 && w <= (A)W - (A)0.5 && h >= (A)-0.5 && h <= (A)H - (A)0.5)) return false;
+  const A wc = w < (A)0 ? (A)0 : (w > (A)(W - 1) ? (A)(W - 1) : w);
+  const A hc = h < (A)0 ? (A)0 : (h > (A)(H - 1) ? (A)(H - 1) : h);
+  dcn_psroi_corners_at(H, W, hc, wc, (I)dcn_floor(hc), (I)dcn_floor(wc), s);
   return true;
 }
 
@@ -419,8 +432,10 @@ __global__ void deform_psroi_pool_backward_input_gather(
           const A diff = dcn_load(grad_output[out_index]) / used;
           const I ih = j / sample_per_part, iw = j % sample_per_part;
           const A h = bin.hstart + (A)ih * bin.sub_h;
+          // Against the cell the key kernel chose (no second range check or
+          // floor, which one ulp of rounding could move): the sample counts.
           dcn_psroi_corners<I, A> q;
-          if (!dcn_psroi_corners_setup(H, W, h, bin.wstart + (A)iw * bin.sub_w, &q)) continue;
+          dcn_psroi_corners_at(H, W, h, bin.wstart + (A)iw * bin.sub_w, y0, x0, &q);
           const A dx = q.dist_x, dy = q.dist_y;
           if (q.i00 == p) sum += ((A)1 - dx) * ((A)1 - dy) * diff;
           if (q.i10 == p) sum += ((A)1 - dx) * dy * diff;

@@ -44,10 +44,13 @@
 // entry (``starts``). deform_roi_pool_backward_input_gather, one thread per
 // input element (b, c, yy, xx), visits the cells (yy-1, xx-1), (yy-1, xx),
 // (yy, xx-1), (yy, xx) and in each the samples in key order (a binary search
-// in ``first`` gives a sample's bin), recomputes the sample with the same
-// helpers as the forward, adds each of its corner terms whose pixel is
-// (yy, xx) (both rows' terms on the clamped last row, as the scatter does) in
-// registers, and adds the sum to grad_input once. Every sum has a fixed
+// in ``first`` gives a sample's bin), recomputes the sample's position with
+// the same helpers as the forward and weighs it against the cell being
+// visited, the one the key kernel chose (dcn_roi_corners_at: no second range
+// check or floor, so a position the two kernels round one ulp apart is never
+// dropped), adds each of its corner terms whose pixel is (yy, xx) (both rows'
+// terms on the clamped last row, as the scatter does) in registers, and adds
+// the sum to grad_input once. Every sum has a fixed
 // order, so the gradient is bit-identical run after run (for the same
 // workspace limit: it fixes the chunks). Memory: 8 bytes per bin for the
 // counts and 8 for ``first``; per chunk, about 32 bytes per sample at the peak
@@ -160,23 +163,26 @@ struct dcn_roi_corners {
   bool clamped_y, clamped_x;  // y < 0 (resp. x < 0) was moved to 0: flat there
 };
 
+// The corners and weights of the sample (y, x), after the clamps, against the
+// cell whose top-left corner is (y0, x0), y0 in [0, H-1], x0 in [0, W-1]: the
+// deterministic gather passes the cell the key kernel chose, so a position
+// that the two kernels round one ulp apart is still weighed, never dropped.
 template <typename I, typename A>
-__device__ __forceinline__ bool dcn_roi_corners_setup(I H, I W, A y, A x,
-                                                      dcn_roi_corners<I, A>* s) {
-  if (!(y >= (A)-1 && y <= (A)H && x >= (A)-1 && x <= (A)W)) return false;
+__device__ __forceinline__ void dcn_roi_corners_at(I H, I W, A y, A x, I y0, I x0,
+                                                   dcn_roi_corners<I, A>* s) {
   s->clamped_y = y < (A)0;
   s->clamped_x = x < (A)0;
   if (s->clamped_y) y = (A)0;
   if (s->clamped_x) x = (A)0;
-  I y0 = (I)y, x0 = (I)x, y1, x1;  // y, x in [0, H], [0, W]: in range
-  if (y0 >= H - 1) {
-    y0 = y1 = H - 1;
+  I y1, x1;
+  if (y0 >= H - 1) {  // the last row: both rows are y0, all weight on it
+    y1 = y0;
     y = (A)y0;
   } else {
     y1 = y0 + 1;
   }
   if (x0 >= W - 1) {
-    x0 = x1 = W - 1;
+    x1 = x0;
     x = (A)x0;
   } else {
     x1 = x0 + 1;
@@ -189,6 +195,14 @@ __device__ __forceinline__ bool dcn_roi_corners_setup(I H, I W, A y, A x,
   s->i01 = y0 * W + x1;
   s->i10 = y1 * W + x0;
   s->i11 = y1 * W + x1;
+}
+
+template <typename I, typename A>
+__device__ __forceinline__ bool dcn_roi_corners_setup(I H, I W, A y, A x,
+                                                      dcn_roi_corners<I, A>* s) {
+  if (!(y >= (A)-1 && y <= (A)H && x >= (A)-1 && x <= (A)W)) return false;
+  I y0 = y < (A)0 ? 0 : (I)y, x0 = x < (A)0 ? 0 : (I)x;  // in [0, H], [0, W]: in range
+  dcn_roi_corners_at(H, W, y, x, y0 < H - 1 ? y0 : H - 1, x0 < W - 1 ? x0 : W - 1, s);
   return true;
 }
 
@@ -420,10 +434,11 @@ __global__ void deform_roi_pool_backward_input_gather(
             continue;
           const long long j = s - first[k];
           const I iy = (I)(j / bin.grid_w), ix = (I)(j % bin.grid_w);
+          // Against the cell the key kernel chose (no second range check or
+          // floor, which one ulp of rounding could move): the sample counts.
           dcn_roi_corners<I, A> q;
-          if (!dcn_roi_corners_setup(H, W, dcn_roi_sample_y(bin, iy), dcn_roi_sample_x(bin, ix),
-                                     &q))
-            continue;
+          dcn_roi_corners_at(H, W, dcn_roi_sample_y(bin, iy), dcn_roi_sample_x(bin, ix), y0, x0,
+                             &q);
           const A grad = dcn_load(grad_output[(r * C + c) * bins + pixel]) * bin.m / bin.count;
           if (q.i00 == p) sum += q.hy * q.hx * grad;
           if (q.i01 == p) sum += q.hy * q.lx * grad;

@@ -14,17 +14,9 @@ from cupydcn import _config, _kernels
 
 
 def _gpu_skip_reason():
-    try:
-        import cupy
-    except ImportError as error:
-        return f"CuPy is not installed ({error})"
-    try:
-        count = cupy.cuda.runtime.getDeviceCount()
-    except Exception as error:  # no driver, no device: CuPy says which
-        return f"CuPy sees no GPU: {error}"
-    if count == 0:
-        return "CuPy sees no GPU: 0 CUDA devices"
-    return None
+    from cupydcn import _gpu
+
+    return _gpu.no_gpu_reason()
 
 
 GPU_SKIP_REASON = _gpu_skip_reason()

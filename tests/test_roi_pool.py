@@ -810,7 +810,7 @@ def test_psroi_numpy_inputs_run_the_reference_and_keep_dtype(dtype):
     assert_close(grads.input, ref_grads.input, dtype)
     assert_close(grads.trans, ref_grads.trans, dtype)
     only = cupydcn.deform_psroi_pool_backward(typed["grad_output"], typed["input"],
-                                              typed["rois"], typed["trans"], wrt="input",
+                                              typed["rois"], typed["trans"], wrt=("input",),
                                               **ps_params(case))
     assert only.trans is None
 
@@ -1077,7 +1077,7 @@ def test_deterministic_public_api_numpy_and_wrt(host):
     plain = cupydcn.deform_roi_pool_backward(*args, **kwargs)
     det = cupydcn.deform_roi_pool_backward(*args, deterministic=True, **kwargs)
     assert_bit_identical([plain, det], "numpy deform_roi_pool_backward")
-    only = cupydcn.deform_roi_pool_backward(*args, wrt="input", deterministic=True, **kwargs)
+    only = cupydcn.deform_roi_pool_backward(*args, wrt=("input",), deterministic=True, **kwargs)
     assert only.offset is None and only.mask is None
     ps = PS_CASES[3]
     typed, _ = typed_and_exact(make_ps_case(ps, specials=False), numpy.float64)

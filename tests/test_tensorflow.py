@@ -400,3 +400,29 @@ def test_gpu_tensors_match_the_cpu():
         for name, got, expected in zip(("output",) + CONV_NAMES, results["GPU:0", graph],
                                        results["CPU:0", graph]):
             assert_close(got, expected, numpy.float32, name)
+
+
+# --------------------------------------------------------------------------
+# Issue 10: a missing tensor or a bad data_format gets a clear error
+# --------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", ["input", "offset", "weight"])
+def test_missing_conv_tensor_is_named(name):
+    arrays, params = conv_case(CONV_CASES[0], numpy.float32)
+    args = {k: to_tf(arrays[k], True) for k in ("input", "offset", "weight")}
+    args[name] = None
+    with pytest.raises(cupydcn.ArgumentTypeError, match=rf"{name} must be a tf\.Tensor .*got None"):
+        dcn.deform_conv2d(args["input"], args["offset"], args["weight"], **params)
+
+
+def test_missing_roi_tensors_and_bad_data_format():
+    x = tf.zeros((1, 6, 6, 4))
+    with pytest.raises(RuntimeError, match=r"rois must be a tf\.Tensor .*got None"):
+        dcn.deform_roi_pool(x, None, output_size=2)
+    with pytest.raises(TypeError, match=r"input must be a tf\.Tensor .*got None"):
+        dcn.deform_psroi_pool(None, tf.zeros((1, 5)), pooled_size=2)
+    with pytest.raises(cupydcn.ArgumentTypeError, match=r"rois must be a tf\.Tensor .*got object"):
+        dcn.deform_roi_pool(x, object(), output_size=2)
+    with pytest.raises(cupydcn.ArgumentError, match=r"data_format must be"):
+        dcn.deform_roi_pool(x, tf.zeros((1, 5)), output_size=2, data_format="NHWC")

@@ -865,3 +865,103 @@ def test_gpu_compile_fullgraph(gpu):
     torch._dynamo.reset()
     got = torch.compile(net, backend="aot_eager", fullgraph=True)(x, rois)
     torch.testing.assert_close(got, expected)
+
+
+# --------------------------------------------------------------------------
+# Issue 10: clear errors for wrong argument types; results allocated by torch
+# --------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", ["input", "offset", "weight"])
+@pytest.mark.parametrize("kind", ["None", "list", "numpy"])
+def test_conv_arguments_must_be_tensors(name, kind):
+    t, params = conv_inputs(requires_grad=False)
+    args = {"input": t["input"], "offset": t["offset"], "weight": t["weight"]}
+    bad = {"None": None, "list": t[name].tolist(), "numpy": t[name].numpy()}[kind]
+    args[name] = bad
+    got = {"None": "None", "list": "list", "numpy": "numpy.ndarray"}[kind]
+    message = f"{name} must be a torch.Tensor, got {got}"
+    with pytest.raises(cupydcn.ArgumentTypeError, match=re.escape(message)) as info:
+        ct.deform_conv2d(args["input"], args["offset"], args["weight"], **params)
+    assert isinstance(info.value, TypeError) and isinstance(info.value, RuntimeError)
+    assert len(str(info.value)) < 200  # the arrays are not printed
+
+
+def test_roi_arguments_must_be_tensors():
+    x, rois, offset, mask, rp = roi_inputs(requires_grad=False)
+    with pytest.raises(TypeError, match=r"rois must be a torch\.Tensor, got numpy\.ndarray"):
+        ct.deform_roi_pool(x, rois.numpy(), offset, **rp)
+    with pytest.raises(RuntimeError, match=r"offset must be a torch\.Tensor or None, got list"):
+        ct.deform_roi_pool(x, rois, offset.tolist(), **rp)
+    xp, prois, trans, pp = psroi_inputs(requires_grad=False)
+    with pytest.raises(cupydcn.ArgumentTypeError, match=r"input must be a torch\.Tensor, got None"):
+        ct.deform_psroi_pool(None, prois, trans, **pp)
+    with pytest.raises(cupydcn.ArgumentTypeError, match=r"trans must be a torch\.Tensor or None"):
+        ct.deform_psroi_pool(xp, prois, trans.numpy(), **pp)
+
+
+def test_wrong_sizes_like_torchvision():
+    """torchvision's TestDeformConv.test_wrong_sizes against cupydcn.torch:
+    a wrong offset or mask raises RuntimeError (and ValueError)."""
+    in_channels, out_channels, kernel_size, groups = 6, 2, (3, 2), 2
+    stride, padding, dilation = (2, 1), (1, 0), (2, 1)
+    x = torch.rand(10, in_channels, 5, 4)
+    offset = torch.rand(10, 2 * 3 * kernel_size[0] * kernel_size[1], 2, 3)
+    mask = torch.rand(10, 3 * kernel_size[0] * kernel_size[1], 2, 3)
+    layer = ct.DeformConv2d(in_channels, out_channels, kernel_size, stride=stride,
+                            padding=padding, dilation=dilation, groups=groups)
+    layer(x, offset, mask)
+    for error in (RuntimeError, ValueError):
+        with pytest.raises(error, match=r"offset\.shape\[1\]"):
+            layer(x, torch.rand_like(offset[:, :2]))
+        with pytest.raises(error, match=r"mask\.shape"):
+            layer(x, offset, torch.rand_like(mask[:, :2]))
+
+
+def test_results_are_tensors_torch_allocated(monkeypatch):
+    """The op outputs and gradients are tensors from torch.empty that the core
+    wrote into (not foreign memory wrapped through DLPack)."""
+    allocated = []
+    empty = torch.empty
+
+    def spy(*args, **kwargs):
+        t = empty(*args, **kwargs)
+        allocated.append(t)
+        return t
+
+    monkeypatch.setattr(torch, "empty", spy)
+    t, params = conv_inputs(dtype=torch.float32)
+    out = call_conv(t, params)
+    assert out.data_ptr() in {a.data_ptr() for a in allocated}
+    grads = torch.ops.cupydcn.deform_conv2d_backward(
+        torch.ones_like(out), t["input"], t["offset"], t["weight"], t["bias"],
+        list(params["stride"]), list(params["padding"]), list(params["dilation"]), t["mask"],
+        [True] * 5)
+    assert len(grads) == 5
+    pointers = {a.data_ptr() for a in allocated}
+    for grad in grads:
+        assert grad.data_ptr() in pointers
+
+
+@pytest.mark.gpu
+def test_gpu_results_are_tensors_torch_allocated(gpu, monkeypatch):
+    allocated = []
+    empty = torch.empty
+
+    def spy(*args, **kwargs):
+        t = empty(*args, **kwargs)
+        allocated.append(t)
+        return t
+
+    monkeypatch.setattr(torch, "empty", spy)
+    t, params = conv_inputs(dtype=torch.float32)
+    t = {k: v.detach().cuda().requires_grad_() for k, v in t.items()}
+    side = torch.cuda.Stream()
+    with torch.cuda.stream(side):
+        side.wait_stream(torch.cuda.default_stream())
+        out = call_conv(t, params)
+    torch.cuda.default_stream().wait_stream(side)
+    assert out.data_ptr() in {a.data_ptr() for a in allocated}
+    out.record_stream(torch.cuda.default_stream())  # a torch allocation: this protects it
+    out.sum().backward()
+    torch.cuda.synchronize()

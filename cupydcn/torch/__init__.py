@@ -16,9 +16,15 @@ Modules: :class:`DeformConv2d` (torchvision), :class:`DeformConv2dPack`,
 This file holds DLPack and autograd only; the numbers are the core's
 (docs/semantics.md). CUDA tensors run the CUDA kernels on their device, on torch's
 current stream, with CuPy allocating from torch's caching allocator; CPU tensors
-run the NumPy reference. Inputs and outputs cross by DLPack without copies.
-Shapes are checked by ``cupydcn._validation`` (in the fake implementations
-too), so a mistake gets the same message from torch as from CuPy or NumPy.
+run the NumPy reference. Inputs cross by DLPack without copies; the op results
+are tensors that torch allocates (``torch.empty`` on the input's device and
+torch's current stream) and the core writes into, so ``record_stream`` and the
+caching allocator treat them as any other torch tensor. Shapes are checked by
+``cupydcn._validation`` (in the fake implementations too), so a mistake gets
+the same message from torch as from CuPy or NumPy, as a
+``cupydcn.ArgumentError`` (a ``ValueError`` and a ``RuntimeError``, what
+torchvision raises) or ``cupydcn.ArgumentTypeError`` (a ``TypeError`` and a
+``RuntimeError``; e.g. "offset must be a torch.Tensor, got numpy.ndarray").
 
 Autocast (CUDA and CPU): deform_conv2d runs in the autocast dtype (float16 or
 bfloat16), as torch's convolutions do; the RoI poolings run in float32 and
@@ -45,7 +51,7 @@ from torch import Tensor, nn
 from torch.nn.modules.utils import _pair
 
 import cupydcn
-from cupydcn import _validation
+from cupydcn import _arrays, _validation
 
 __all__ = [
     "DeformConv2d",
@@ -86,7 +92,8 @@ def _core_array(t):
     elif t.device.type == "cpu":
         convert = numpy.from_dlpack
     else:
-        raise TypeError(f"a tensor lives on {t.device}; cupydcn runs on CUDA GPUs and on the CPU")
+        raise _validation.ArgumentTypeError(
+            f"a tensor lives on {t.device}; cupydcn runs on CUDA GPUs and on the CPU")
     if t.dtype == torch.bfloat16:
         # NumPy's DLPack has no bfloat16 (nor has every CuPy's): the same bits
         # cross as int16 and are viewed as ml_dtypes.bfloat16, the core's type.
@@ -94,8 +101,13 @@ def _core_array(t):
     return convert(t)
 
 
-def _tensor(a):
-    """A tensor sharing the memory of the core's CuPy or NumPy result ``a``."""
+def _tensor(a, owner=None):
+    """The tensor of the core's CuPy or NumPy result ``a``: the one torch
+    allocated for it (``owner``, from :func:`_core_scope`), else one sharing
+    its memory through DLPack."""
+    t = None if owner is None else owner(a)
+    if t is not None:
+        return t
     if a.dtype == _bfloat16():
         return torch.from_dlpack(a.view(numpy.int16)).view(torch.bfloat16)
     return torch.from_dlpack(a)
@@ -139,6 +151,31 @@ def _device_scope(t):
     with cupy.cuda.Device(index), _cupy_stream(torch.cuda.current_stream(index).cuda_stream), \
             cupy.cuda.using_allocator(_cupy_allocator()):
         yield
+
+
+def _torch_dtype(dtype):
+    return torch.bfloat16 if dtype == _bfloat16() else getattr(torch, dtype.name)
+
+
+@contextlib.contextmanager
+def _core_scope(t):
+    """:func:`_device_scope` of ``t``, with the op results allocated by torch
+    (``torch.empty`` on ``t``'s device, on torch's current stream) and written
+    by the core in place: the results are ordinary torch tensors, which
+    ``record_stream`` and torch's caching allocator handle as their own.
+    Yields the function that maps a core result to its tensor."""
+    def allocate(shape, dtype):
+        owner = torch.empty(shape, dtype=_torch_dtype(dtype), device=t.device)
+        return owner, _core_array(owner)
+
+    with _device_scope(t), _arrays.output_allocator(allocate) as owner:
+        yield owner
+
+
+def _check_tensors(required, optional=()):
+    """Every tensor argument a torch.Tensor (the optional ones or None)."""
+    _validation.check_arrays(required, optional, expected="a torch.Tensor",
+                             accepts=lambda x: isinstance(x, Tensor))
 
 
 class _StreamHandle:
@@ -269,11 +306,11 @@ def _present(names, wrt, **optional):
 def _deform_conv2d_op(input: Tensor, offset: Tensor, weight: Tensor, bias: Optional[Tensor],
                       stride: Sequence[int], padding: Sequence[int], dilation: Sequence[int],
                       mask: Optional[Tensor]) -> Tensor:
-    with _device_scope(input):
+    with _core_scope(input) as owner:
         out = cupydcn.deform_conv2d(_core_array(input), _core_array(offset), _core_array(weight),
                                     _core_array(bias), stride, padding, dilation,
                                     _core_array(mask))
-        return _tensor(out)
+        return _tensor(out, owner)
 
 
 @_deform_conv2d_op.register_fake
@@ -293,12 +330,12 @@ def _deform_conv2d_backward_op(grad_output: Tensor, input: Tensor, offset: Tenso
     names = _present(_CONV_GRADIENTS, wrt, bias=bias, mask=mask)
     if not names:
         return []
-    with _device_scope(input):
+    with _core_scope(input) as owner:
         grads = cupydcn.deform_conv2d_backward(
             _core_array(grad_output), _core_array(input), _core_array(offset),
             _core_array(weight), _core_array(bias), stride, padding, dilation,
             _core_array(mask), wrt=names, deterministic=_deterministic())
-        return [_tensor(getattr(grads, name)) for name in names]
+        return [_tensor(getattr(grads, name), owner) for name in names]
 
 
 @_deform_conv2d_backward_op.register_fake
@@ -355,6 +392,7 @@ def deform_conv2d(input, offset, weight, bias=None, stride=1, padding=0, dilatio
     Example:
         >>> out = cupydcn.torch.deform_conv2d(x, offset, w, padding=1, mask=m)
     """
+    _check_tensors(dict(input=input, offset=offset, weight=weight), dict(bias=bias, mask=mask))
     _check_eagerly(_validation.check_deform_conv2d, input, offset, weight, bias, stride,
                    padding, dilation, mask)
     return torch.ops.cupydcn.deform_conv2d(
@@ -373,11 +411,11 @@ _ROI_GRADIENTS = ("input", "offset", "mask")
 def _deform_roi_pool_op(input: Tensor, rois: Tensor, offset: Optional[Tensor],
                         output_size: Sequence[int], spatial_scale: float, sampling_ratio: int,
                         gamma: float, mask: Optional[Tensor]) -> Tensor:
-    with _device_scope(input):
+    with _core_scope(input) as owner:
         out = cupydcn.deform_roi_pool(_core_array(input), _core_array(rois), _core_array(offset),
                                       output_size, spatial_scale, sampling_ratio, gamma,
                                       _core_array(mask))
-        return _tensor(out)
+        return _tensor(out, owner)
 
 
 @_deform_roi_pool_op.register_fake
@@ -399,12 +437,12 @@ def _deform_roi_pool_backward_op(grad_output: Tensor, input: Tensor, rois: Tenso
     names = _present(_ROI_GRADIENTS, wrt, offset=offset, mask=mask)
     if not names:
         return []
-    with _device_scope(input):
+    with _core_scope(input) as owner:
         grads = cupydcn.deform_roi_pool_backward(
             _core_array(grad_output), _core_array(input), _core_array(rois), _core_array(offset),
             output_size, spatial_scale, sampling_ratio, gamma, _core_array(mask), wrt=names,
             deterministic=_deterministic())
-        return [_tensor(getattr(grads, name)) for name in names]
+        return [_tensor(getattr(grads, name), owner) for name in names]
 
 
 @_deform_roi_pool_backward_op.register_fake
@@ -461,6 +499,7 @@ def deform_roi_pool(input, rois, offset=None, output_size=7, spatial_scale=1.0, 
         (R, C, ph, pw) tensor. Without offset and mask this equals
         ``torchvision.ops.roi_align(..., aligned=True)``.
     """
+    _check_tensors(dict(input=input, rois=rois), dict(offset=offset, mask=mask))
     _check_eagerly(_validation.check_deform_roi_pool, input, rois, offset, output_size,
                    spatial_scale, sampling_ratio, gamma, mask, check_batch=False)
     return torch.ops.cupydcn.deform_roi_pool(
@@ -482,12 +521,12 @@ def _deform_psroi_pool_op(input: Tensor, rois: Tensor, trans: Optional[Tensor],
                           trans_std: float) -> Tuple[Tensor, Tensor]:
     """(output, count); count (the samples counted per output element, in the
     accumulation dtype) is what the backward takes."""
-    with _device_scope(input):
+    with _core_scope(input) as owner:
         out, count = cupydcn.deform_psroi_pool(
             _core_array(input), _core_array(rois), _core_array(trans), spatial_scale,
             output_dim, group_size, pooled_size, part_size, sample_per_part, trans_std,
             return_count=True)
-        return _tensor(out), _tensor(count)
+        return _tensor(out, owner), _tensor(count, owner)
 
 
 @_deform_psroi_pool_op.register_fake
@@ -511,12 +550,12 @@ def _deform_psroi_pool_backward_op(grad_output: Tensor, input: Tensor, rois: Ten
     names = _present(_PSROI_GRADIENTS, wrt, trans=trans)
     if not names:
         return []
-    with _device_scope(input):
+    with _core_scope(input) as owner:
         grads = cupydcn.deform_psroi_pool_backward(
             _core_array(grad_output), _core_array(input), _core_array(rois), _core_array(trans),
             _core_array(count), spatial_scale, output_dim, group_size, pooled_size, part_size,
             sample_per_part, trans_std, wrt=names, deterministic=_deterministic())
-        return [_tensor(getattr(grads, name)) for name in names]
+        return [_tensor(getattr(grads, name), owner) for name in names]
 
 
 @_deform_psroi_pool_backward_op.register_fake
@@ -576,6 +615,7 @@ def deform_psroi_pool(input, rois, trans=None, spatial_scale=1.0, output_dim=Non
         ``return_count`` a pair (output, count), count of that shape in the
         accumulation dtype (float32 for float16/bfloat16), not differentiable.
     """
+    _check_tensors(dict(input=input, rois=rois), dict(trans=trans))
     _check_eagerly(_validation.check_deform_psroi_pool, input, rois, trans, spatial_scale,
                    output_dim, group_size, pooled_size, part_size, sample_per_part, trans_std,
                    check_batch=False)
@@ -598,7 +638,8 @@ def _conv_parameters(module, in_channels, out_channels, kernel_size, stride, pad
     (uninitialised: each module initialises them its library's way)."""
     for name, channels in (("in_channels", in_channels), ("out_channels", out_channels)):
         if channels % groups != 0:
-            raise ValueError(f"{name} = {channels} must be divisible by groups = {groups}")
+            raise _validation.ArgumentError(
+                f"{name} = {channels} must be divisible by groups = {groups}")
     module.in_channels = in_channels
     module.out_channels = out_channels
     module.kernel_size = _pair(kernel_size)
@@ -803,8 +844,8 @@ class DeformRoIPoolPack(DeformRoIPool):
 
     def _check_channels(self, input):
         if input.shape[1] != self.output_channels:
-            raise ValueError(f"input.shape[1] must be output_channels = {self.output_channels}, "
-                             f"got {input.shape[1]}")
+            raise _validation.ArgumentError(f"input.shape[1] must be output_channels = "
+                                            f"{self.output_channels}, got {input.shape[1]}")
 
     def _pool_and_offset(self, input, rois):
         self._check_channels(input)
@@ -870,7 +911,8 @@ class DeformPSRoIPool(nn.Module):
     def forward(self, input, rois, offset=None):
         trans = None if self.no_trans else offset
         if trans is None and not self.no_trans:
-            raise ValueError("offset (the trans) is required when no_trans is False")
+            raise _validation.ArgumentError(
+                "offset (the trans) is required when no_trans is False")
         return deform_psroi_pool(input, rois, trans, self.spatial_scale, self.output_dim,
                                  self.group_size, self.pooled_size, self.part_size,
                                  self.sample_per_part, self.trans_std)
