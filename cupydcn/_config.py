@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import os
 
+from cupydcn import _validation
+
 _DEFAULT_WORKSPACE = 256 * 2**20
 _workspace_limit = int(os.environ.get("CUPYDCN_WORKSPACE_BYTES", _DEFAULT_WORKSPACE))
 
@@ -20,7 +22,7 @@ def set_workspace_limit(nbytes):
     global _workspace_limit
     nbytes = int(nbytes)
     if nbytes < 1:
-        raise ValueError(f"workspace limit must be >= 1 byte, got {nbytes}")
+        raise _validation.ArgumentError(f"workspace limit must be >= 1 byte, got {nbytes}")
     previous, _workspace_limit = _workspace_limit, nbytes
     return previous
 
