@@ -1,41 +1,51 @@
 """ONNX export of cupydcn's torch ops, for both ``torch.onnx.export`` exporters.
 
-``torch.onnx.export(model, args)`` of a model using :mod:`cupydcn.torch` needs
-no extra argument:
+``torch.onnx.export(model, args)`` of a model using :mod:`cupydcn.torch`, with
+``dynamo=True`` (the default) or ``dynamo=False``, needs no extra argument:
 
 * deformable convolution (``deform_conv2d``, ``DeformConv2d``,
   ``DeformConv2dPack``, ``ModulatedDeformConv2dPack``) becomes the standard
-  ONNX ``DeformConv`` (opset 19; opset 22 for bfloat16, the first to allow
-  it): inputs ``X, W, offset[, B][, mask]`` (an absent bias before a mask is
-  the empty input name), attributes ``kernel_shape``, ``strides``, ``pads``
-  = ``[ph, pw, ph, pw]`` (cupydcn's padding is symmetric per axis),
+  ONNX ``DeformConv`` (opset_version >= 19; the default, 20, is fine):
+  inputs ``X, W, offset[, B][, mask]`` (an absent bias before a mask is the
+  empty input name), attributes ``kernel_shape``, ``strides``, ``pads`` =
+  ``[ph, pw, ph, pw]`` (cupydcn's padding is symmetric per axis; pad
+  asymmetrically with ``F.pad`` before the layer, which exports as ``Pad``),
   ``dilations``, ``group``, ``offset_group``. ONNX's offset and mask layouts
-  are torchvision's, which are cupydcn's (SEMANTICS.md s. 1).
+  are torchvision's, which are cupydcn's (SEMANTICS.md s. 1). bfloat16 is a
+  DeformConv type from opset 22: with ``opset_version=22`` (dynamo exporter)
+  the node is bfloat16; below, and always with the TorchScript exporter
+  (which stops at opset 20), it runs in float32 between two Casts, exact for
+  the inputs and rounding the output once, as cupydcn's bfloat16 kernel
+  (float32 accumulation) does. An opset below 19 is refused by name.
 * the RoI poolings have no standard ONNX operator: they export to the custom
-  domain ``cupydcn`` (version 1), one node each, with cupydcn's own
-  arguments as attributes (SEMANTICS.md s. 2 and 3 define the numbers):
+  domain ``cupydcn`` (version 1), one node each, same dtype as their input,
+  with cupydcn's own arguments as attributes (SEMANTICS.md s. 2 and 3):
 
-  - ``cupydcn::DeformRoIPool(X, rois[, offset][, mask]) -> Y``, attributes
+  - ``cupydcn::DeformRoIPool(X, rois[, offset][, mask]) -> Y``: attributes
     ``output_size`` (ints ``[ph, pw]``), ``spatial_scale`` (float),
     ``sampling_ratio`` (int, 0 = adaptive), ``gamma`` (float); shapes as
-    :func:`cupydcn.torch.deform_roi_pool`.
-  - ``cupydcn::DeformPSRoIPool(X, rois[, trans]) -> Y[, count]``, attributes
-    ``spatial_scale`` (float), ``output_dim``, ``group_size``,
-    ``pooled_size``, ``part_size`` (resolved: never 0),
-    ``sample_per_part`` (ints), ``trans_std`` (float); ``count`` is an output
-    only when ``return_count=True`` (dynamo exporter) or always, unused, with
-    the TorchScript exporter (the op's second output).
+    :func:`cupydcn.torch.deform_roi_pool` (absent offset before a mask: "").
+  - ``cupydcn::DeformPSRoIPool(X, rois[, trans]) -> Y[, count]``:
+    attributes ``spatial_scale`` (float), ``output_dim``, ``group_size``,
+    ``pooled_size``, ``part_size`` (resolved, never 0), ``sample_per_part``
+    (ints), ``trans_std`` (float). ``count`` (the samples per output element,
+    float32, float64 for float64 input) is a second output with
+    ``return_count=True`` (dynamo exporter), and always, unused, with the
+    TorchScript exporter (the op's second output).
 
-  A runtime needs a kernel for these (onnxruntime: a custom-op library).
+  A runtime needs kernels for these (onnxruntime: a custom-op library).
 
-The dynamo exporter (``dynamo=True``, the default) traces the Python wrappers
-of :mod:`cupydcn.torch`, which call :func:`deform_conv2d` and the others here
-while :func:`exporting` is true, emitting the ONNX nodes through
-``torch.onnx.ops.symbolic``. The TorchScript exporter (``dynamo=False``)
-records the ``torch.ops.cupydcn`` ops and translates them with the symbolic
-functions registered by :func:`register_torchscript_symbolics` (done when
-:mod:`cupydcn.torch` is imported); it stops at opset 20, so it exports
-float16/32/64 deformable convolution but not bfloat16.
+How: the dynamo exporter traces the Python wrappers of :mod:`cupydcn.torch`,
+which, while :func:`exporting`, call :func:`deform_conv2d`,
+:func:`deform_roi_pool` and :func:`deform_psroi_pool` here instead of the
+``torch.ops.cupydcn`` ops; these emit the ONNX nodes through
+``torch.onnx.ops.symbolic``. So export the model, not an ExportedProgram made
+beforehand by ``torch.export``, whose graph holds the ``torch.ops.cupydcn``
+ops the dynamo exporter has no translation for. The TorchScript exporter
+records the ``torch.ops.cupydcn`` ops and translates them with the symbolic functions that
+:func:`register_torchscript_symbolics` registers when :mod:`cupydcn.torch` is
+imported. Dynamic batch sizes (``dynamic_shapes`` / ``dynamic_axes``) work;
+channels and kernel sizes must be static.
 """
 
 import sys

@@ -360,9 +360,10 @@ def deform_conv2d(input, offset, weight, bias=None, stride=1, padding=0, dilatio
     """
     _check_eagerly(_validation.check_deform_conv2d, input, offset, weight, bias, stride,
                    padding, dilation, mask)
-    if _torch_onnx.exporting():
-        return _torch_onnx.deform_conv2d(input, offset, weight, bias, stride, padding, dilation,
-                                         mask)
+    if not torch.jit.is_scripting():  # the ONNX exporters' hook (cupydcn/_torch_onnx.py)
+        if _torch_onnx.exporting():
+            return _torch_onnx.deform_conv2d(input, offset, weight, bias, stride, padding,
+                                             dilation, mask)
     return torch.ops.cupydcn.deform_conv2d(
         input, offset, weight, bias, _ints(stride, "stride", 1), _ints(padding, "padding", 0),
         _ints(dilation, "dilation", 1), mask)
@@ -469,9 +470,10 @@ def deform_roi_pool(input, rois, offset=None, output_size=7, spatial_scale=1.0, 
     """
     _check_eagerly(_validation.check_deform_roi_pool, input, rois, offset, output_size,
                    spatial_scale, sampling_ratio, gamma, mask, check_batch=False)
-    if _torch_onnx.exporting():
-        return _torch_onnx.deform_roi_pool(input, rois, offset, output_size, spatial_scale,
-                                           sampling_ratio, gamma, mask)
+    if not torch.jit.is_scripting():  # the ONNX exporters' hook (cupydcn/_torch_onnx.py)
+        if _torch_onnx.exporting():
+            return _torch_onnx.deform_roi_pool(input, rois, offset, output_size, spatial_scale,
+                                               sampling_ratio, gamma, mask)
     return torch.ops.cupydcn.deform_roi_pool(
         input, rois, offset, _ints(output_size, "output_size", 1), float(spatial_scale),
         int(sampling_ratio), float(gamma), mask)
@@ -588,10 +590,11 @@ def deform_psroi_pool(input, rois, trans=None, spatial_scale=1.0, output_dim=Non
     _check_eagerly(_validation.check_deform_psroi_pool, input, rois, trans, spatial_scale,
                    output_dim, group_size, pooled_size, part_size, sample_per_part, trans_std,
                    check_batch=False)
-    if _torch_onnx.exporting():
-        return _torch_onnx.deform_psroi_pool(input, rois, trans, spatial_scale, output_dim,
-                                             group_size, pooled_size, part_size, sample_per_part,
-                                             trans_std, return_count)
+    if not torch.jit.is_scripting():  # the ONNX exporters' hook (cupydcn/_torch_onnx.py)
+        if _torch_onnx.exporting():
+            return _torch_onnx.deform_psroi_pool(input, rois, trans, spatial_scale,
+                                                 output_dim, group_size, pooled_size, part_size,
+                                                 sample_per_part, trans_std, return_count)
     out, count = torch.ops.cupydcn.deform_psroi_pool(
         input, rois, trans, float(spatial_scale), None if output_dim is None else int(output_dim),
         int(group_size), int(pooled_size), int(part_size), int(sample_per_part),

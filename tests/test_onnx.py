@@ -354,6 +354,7 @@ class RoIPools(torch.nn.Module):
     def forward(self, x, rois, offset, mask, trans):
         return (ct.deform_roi_pool(x, rois, offset, (3, 2), 0.5, 2, 0.2, mask),
                 ct.deform_roi_pool(x, rois, None, 2),
+                ct.deform_roi_pool(x, rois, None, (3, 2), 1.0, 1, 0.1, mask),
                 ct.deform_psroi_pool(x, rois, trans, 0.5, None, 2, 3, 0, 2, 0.1),
                 ct.deform_psroi_pool(x, rois, None, 0.25, 8, 1, 2, 0, 3, 0.0))
 
@@ -375,7 +376,7 @@ def test_roi_pools_export_to_the_cupydcn_domain(tmp_path, dynamo):
     model_proto = export(RoIPools(), args, tmp_path / "m.onnx", dynamo)
     assert opset_of(model_proto, "cupydcn") == 1
     pools = nodes(model_proto, "DeformRoIPool", "cupydcn")
-    assert [len(n.input) for n in pools] == [4, 2]
+    assert [list(n.input)[2:] for n in pools] == [["in2", "in3"], [], ["", "in3"]]
     assert attributes(pools[0]) == {"output_size": [3, 2], "spatial_scale": 0.5,
                                     "sampling_ratio": 2, "gamma": pytest.approx(0.2)}
     assert attributes(pools[1]) == {"output_size": [2, 2], "spatial_scale": 1.0,
