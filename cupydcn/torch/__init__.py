@@ -52,6 +52,7 @@ from torch.nn.modules.utils import _pair
 
 import cupydcn
 from cupydcn import _arrays, _validation
+from cupydcn.torch import _onnx as _torch_onnx
 
 __all__ = [
     "DeformConv2d",
@@ -209,8 +210,10 @@ def _check_eagerly(check, input, *args, **kwargs):
     converted for the op schema. Compiled code is checked by the fake
     implementations instead (dynamo need not trace the checks), autocast code
     by the core once the autocast kernel has cast the tensors (mixed dtypes
-    are legal there), and every run again by the core."""
-    if torch.compiler.is_compiling():
+    are legal there), ``torch.jit.trace`` (and the TorchScript ONNX exporter)
+    by the core (the checks' int() of traced sizes would warn), and every run
+    again by the core."""
+    if torch.compiler.is_compiling() or torch.jit.is_tracing():
         return
     if isinstance(input, Tensor) and _autocast_enabled(input.device.type):
         return
@@ -315,6 +318,7 @@ def _deform_conv2d_op(input: Tensor, offset: Tensor, weight: Tensor, bias: Optio
 
 @_deform_conv2d_op.register_fake
 def _deform_conv2d_fake(input, offset, weight, bias, stride, padding, dilation, mask):
+    _torch_onnx.check_opset()
     geo = _validation.check_deform_conv2d(input, offset, weight, bias, stride, padding, dilation,
                                           mask)
     return input.new_empty((geo.B, geo.Cout, geo.Ho, geo.Wo))
@@ -395,6 +399,10 @@ def deform_conv2d(input, offset, weight, bias=None, stride=1, padding=0, dilatio
     _check_tensors(dict(input=input, offset=offset, weight=weight), dict(bias=bias, mask=mask))
     _check_eagerly(_validation.check_deform_conv2d, input, offset, weight, bias, stride,
                    padding, dilation, mask)
+    if not torch.jit.is_scripting():  # the ONNX exporters' hook (cupydcn/torch/_onnx.py)
+        if _torch_onnx.exporting():
+            return _torch_onnx.deform_conv2d(input, offset, weight, bias, stride, padding,
+                                             dilation, mask)
     return torch.ops.cupydcn.deform_conv2d(
         input, offset, weight, bias, _ints(stride, "stride", 1), _ints(padding, "padding", 0),
         _ints(dilation, "dilation", 1), mask)
@@ -502,6 +510,10 @@ def deform_roi_pool(input, rois, offset=None, output_size=7, spatial_scale=1.0, 
     _check_tensors(dict(input=input, rois=rois), dict(offset=offset, mask=mask))
     _check_eagerly(_validation.check_deform_roi_pool, input, rois, offset, output_size,
                    spatial_scale, sampling_ratio, gamma, mask, check_batch=False)
+    if not torch.jit.is_scripting():  # the ONNX exporters' hook (cupydcn/torch/_onnx.py)
+        if _torch_onnx.exporting():
+            return _torch_onnx.deform_roi_pool(input, rois, offset, output_size, spatial_scale,
+                                               sampling_ratio, gamma, mask)
     return torch.ops.cupydcn.deform_roi_pool(
         input, rois, offset, _ints(output_size, "output_size", 1), float(spatial_scale),
         int(sampling_ratio), float(gamma), mask)
@@ -619,6 +631,11 @@ def deform_psroi_pool(input, rois, trans=None, spatial_scale=1.0, output_dim=Non
     _check_eagerly(_validation.check_deform_psroi_pool, input, rois, trans, spatial_scale,
                    output_dim, group_size, pooled_size, part_size, sample_per_part, trans_std,
                    check_batch=False)
+    if not torch.jit.is_scripting():  # the ONNX exporters' hook (cupydcn/torch/_onnx.py)
+        if _torch_onnx.exporting():
+            return _torch_onnx.deform_psroi_pool(input, rois, trans, spatial_scale,
+                                                 output_dim, group_size, pooled_size, part_size,
+                                                 sample_per_part, trans_std, return_count)
     out, count = torch.ops.cupydcn.deform_psroi_pool(
         input, rois, trans, float(spatial_scale), None if output_dim is None else int(output_dim),
         int(group_size), int(pooled_size), int(part_size), int(sample_per_part),

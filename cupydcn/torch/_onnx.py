@@ -1,0 +1,333 @@
+"""ONNX export of cupydcn's torch ops, for both ``torch.onnx.export`` exporters.
+
+``torch.onnx.export(model, args)`` of a model using :mod:`cupydcn.torch`, with
+``dynamo=True`` (the default) or ``dynamo=False``, needs no extra argument:
+
+* deformable convolution (``deform_conv2d``, ``DeformConv2d``,
+  ``DeformConv2dPack``, ``ModulatedDeformConv2dPack``) becomes the standard
+  ONNX ``DeformConv`` (opset_version >= 19; the default, 20, is fine):
+  inputs ``X, W, offset[, B][, mask]`` (an absent bias before a mask is the
+  empty input name), attributes ``kernel_shape``, ``strides``, ``pads`` =
+  ``[ph, pw, ph, pw]`` (cupydcn's padding is symmetric per axis; pad
+  asymmetrically with ``F.pad`` before the layer, which exports as ``Pad``),
+  ``dilations``, ``group``, ``offset_group``. ONNX's offset and mask layouts
+  are torchvision's, which are cupydcn's (docs/semantics.md §2). bfloat16 is a
+  DeformConv type from opset 22: with ``opset_version=22`` (dynamo exporter)
+  the node is bfloat16; below, and always with the TorchScript exporter
+  (which stops at opset 20), it runs in float32 between two Casts, exact for
+  the inputs and rounding the output once, as cupydcn's bfloat16 kernel
+  (float32 accumulation) does. An opset below 19 is refused by name.
+* the RoI poolings have no standard ONNX operator: they export to the custom
+  domain ``cupydcn`` (version 1), one node each, same dtype as their input,
+  with cupydcn's own arguments as attributes (docs/semantics.md §3 and §4):
+
+  - ``cupydcn::DeformRoIPool(X, rois[, offset][, mask]) -> Y``: attributes
+    ``output_size`` (ints ``[ph, pw]``), ``spatial_scale`` (float),
+    ``sampling_ratio`` (int, 0 = adaptive), ``gamma`` (float); shapes as
+    :func:`cupydcn.torch.deform_roi_pool` (absent offset before a mask: "").
+  - ``cupydcn::DeformPSRoIPool(X, rois[, trans]) -> Y[, count]``:
+    attributes ``spatial_scale`` (float), ``output_dim``, ``group_size``,
+    ``pooled_size``, ``part_size`` (resolved, never 0), ``sample_per_part``
+    (ints), ``trans_std`` (float). ``count`` (the samples per output element,
+    float32, float64 for float64 input) is a second output with
+    ``return_count=True`` (dynamo exporter), and always, unused, with the
+    TorchScript exporter (the op's second output).
+
+  A runtime needs kernels for these (onnxruntime: a custom-op library).
+
+How: the dynamo exporter traces the Python wrappers of :mod:`cupydcn.torch`,
+which, while :func:`exporting`, call :func:`deform_conv2d`,
+:func:`deform_roi_pool` and :func:`deform_psroi_pool` here instead of the
+``torch.ops.cupydcn`` ops; these emit the ONNX nodes through
+``torch.onnx.ops.symbolic``. So export the model, not an ExportedProgram made
+beforehand by ``torch.export``, whose graph holds the ``torch.ops.cupydcn``
+ops the dynamo exporter has no translation for. The TorchScript exporter
+records the ``torch.ops.cupydcn`` ops and translates them with the symbolic functions that
+:func:`register_torchscript_symbolics` registers when :mod:`cupydcn.torch` is
+imported. Dynamic batch sizes (``dynamic_shapes`` / ``dynamic_axes``) work;
+channels and kernel sizes must be static.
+"""
+
+import sys
+
+import torch
+
+from cupydcn import _validation
+
+DOMAIN = "cupydcn"
+DOMAIN_VERSION = 1
+DEFORM_CONV_OPSET = 19
+DEFORM_CONV_BFLOAT16_OPSET = 22
+
+
+def exporting():
+    """Whether the dynamo ONNX exporter is tracing the caller (the
+    TorchScript exporter traces with ``torch.jit.trace`` and translates the
+    ``torch.ops.cupydcn`` ops afterwards, so it is excluded)."""
+    return torch.onnx.is_in_onnx_export() and not torch.jit.is_tracing()
+
+
+# --------------------------------------------------------------------------
+# Dynamo exporter: ONNX nodes emitted by the wrappers
+# --------------------------------------------------------------------------
+
+
+def deform_conv2d(input, offset, weight, bias, stride, padding, dilation, mask):
+    """The ONNX ``DeformConv`` node computing ``cupydcn.torch.deform_conv2d``,
+    as a traced value of the output's shape and dtype. bfloat16 is native
+    from opset 22; below, the node runs in float32 between Casts (exact for
+    the inputs; the output is rounded once, as cupydcn's bfloat16 kernel,
+    which accumulates in float32, rounds it)."""
+    geo = _validation.check_deform_conv2d(*_hinted(input, offset, weight, bias), stride, padding,
+                                          dilation, _hinted(mask)[0])
+    opset = check_opset()
+    tensors = (input, weight, offset, bias, mask)
+    cast = input.dtype == torch.bfloat16 and (opset is None or opset < DEFORM_CONV_BFLOAT16_OPSET)
+    if cast:
+        tensors = tuple(None if t is None else t.to(torch.float32) for t in tensors)
+    out = torch.onnx.ops.symbolic(
+        "DeformConv", tensors, _deform_conv_attributes(geo), dtype=tensors[0].dtype,
+        shape=(input.shape[0], geo.Cout, offset.shape[2], offset.shape[3]),
+        version=DEFORM_CONV_BFLOAT16_OPSET if input.dtype == torch.bfloat16 and not cast
+        else DEFORM_CONV_OPSET)
+    return out.to(torch.bfloat16) if cast else out
+
+
+def check_opset():
+    """Under ``torch.onnx.export(..., dynamo=True)``, the opset_version it
+    targets (None where unknown), refused below DeformConv's opset. The fake
+    implementation of ``torch.ops.cupydcn.deform_conv2d`` calls it too, so
+    that the exporter's fallback capture (``strict=True``, where the wrapper
+    cannot see the export) fails with the same message."""
+    if not torch.onnx.is_in_onnx_export():
+        return None
+    opset = _target_opset()
+    if opset is not None and opset < DEFORM_CONV_OPSET:
+        raise _validation.ArgumentError(_opset_message(opset))
+    return opset
+
+
+def _opset_message(opset):
+    return (f"ONNX export of cupydcn's deform_conv2d: DeformConv needs opset_version >= "
+            f"{DEFORM_CONV_OPSET}, got {opset}")
+
+
+def _target_opset():
+    """The opset_version of the running ``torch.onnx.export(..., dynamo=True)``,
+    None where it cannot be found: torch.onnx has no public way to ask, so
+    this reads it from the exporter's frame (torch 2.6 to 2.13 at least)."""
+    try:
+        from torch.onnx._internal.exporter import _compat
+
+        code = _compat.export_compat.__code__
+    except (ImportError, AttributeError):
+        return None
+    frame = sys._getframe(1)
+    while frame is not None:
+        if frame.f_code is code:
+            opset = frame.f_locals.get("opset_version")
+            return opset if isinstance(opset, int) else None
+        frame = frame.f_back
+    return None
+
+
+class _Shape:
+    """What the shared checks read of a tensor: its shape and dtype."""
+
+    def __init__(self, shape, dtype):
+        self.shape, self.dtype = shape, dtype
+
+
+def _hinted(*tensors):
+    """Stand-ins for the shared checks with the sizes of the example inputs:
+    int() of a symbolic size (``dynamic_shapes``) would specialize it."""
+    return [None if t is None else _Shape(tuple(_hint(s) for s in t.shape), t.dtype)
+            for t in tensors]
+
+
+def _hint(size):
+    if not isinstance(size, torch.SymInt):
+        return int(size)
+    from torch.fx.experimental import symbolic_shapes
+
+    hint = getattr(symbolic_shapes, "optimization_hint", None)  # torch >= 2.13
+    return hint(size) if hint is not None else symbolic_shapes.hint_int(size)
+
+
+def _deform_conv_attributes(geo):
+    (sh, sw), (ph, pw), (dh, dw) = geo.stride, geo.padding, geo.dilation
+    return {"dilations": [dh, dw], "group": geo.groups, "kernel_shape": [geo.kh, geo.kw],
+            "offset_group": geo.offset_groups, "pads": [ph, pw, ph, pw], "strides": [sh, sw]}
+
+
+def deform_roi_pool(input, rois, offset, output_size, spatial_scale, sampling_ratio, gamma,
+                    mask):
+    """The ``cupydcn::DeformRoIPool`` node computing ``cupydcn.torch.deform_roi_pool``."""
+    geo = _validation.check_deform_roi_pool(*_hinted(input, rois, offset), output_size,
+                                            spatial_scale, sampling_ratio, gamma,
+                                            _hinted(mask)[0], check_batch=False)
+    return torch.onnx.ops.symbolic(
+        f"{DOMAIN}::DeformRoIPool", (input, rois, offset, mask), _roi_pool_attributes(geo),
+        dtype=input.dtype, shape=(rois.shape[0], geo.C, geo.ph, geo.pw), version=DOMAIN_VERSION)
+
+
+def _roi_pool_attributes(geo):
+    return {"output_size": [geo.ph, geo.pw], "spatial_scale": float(geo.spatial_scale),
+            "sampling_ratio": geo.sampling_ratio, "gamma": float(geo.gamma)}
+
+
+def deform_psroi_pool(input, rois, trans, spatial_scale, output_dim, group_size, pooled_size,
+                      part_size, sample_per_part, trans_std, return_count):
+    """The ``cupydcn::DeformPSRoIPool`` node computing
+    ``cupydcn.torch.deform_psroi_pool``: its output, or (output, count)."""
+    geo = _validation.check_deform_psroi_pool(*_hinted(input, rois, trans), spatial_scale,
+                                              output_dim, group_size, pooled_size, part_size,
+                                              sample_per_part, trans_std, check_batch=False)
+    shape = (rois.shape[0], geo.output_dim, geo.pooled_size, geo.pooled_size)
+    attributes = _psroi_pool_attributes(geo)
+    if not return_count:
+        return torch.onnx.ops.symbolic(
+            f"{DOMAIN}::DeformPSRoIPool", (input, rois, trans), attributes, dtype=input.dtype,
+            shape=shape, version=DOMAIN_VERSION)
+    out, count = torch.onnx.ops.symbolic_multi_out(
+        f"{DOMAIN}::DeformPSRoIPool", (input, rois, trans), attributes,
+        dtypes=(input.dtype, getattr(torch, geo.dtype.acc.name)), shapes=(shape, shape),
+        version=DOMAIN_VERSION)
+    return out, count
+
+
+def _psroi_pool_attributes(geo):
+    return {"spatial_scale": float(geo.spatial_scale), "output_dim": geo.output_dim,
+            "group_size": geo.group_size, "pooled_size": geo.pooled_size,
+            "part_size": geo.part_size, "sample_per_part": geo.sample_per_part,
+            "trans_std": float(geo.trans_std)}
+
+
+# --------------------------------------------------------------------------
+# TorchScript exporter: symbolic functions of the torch.ops.cupydcn ops
+# --------------------------------------------------------------------------
+
+
+def _is_none(value):
+    return value is None or value.node().mustBeNone()
+
+
+def _absent(g):
+    """An absent optional input (exported as the empty input name)."""
+    node = g.op("prim::Constant")
+    node.setType(torch._C.OptionalType.ofTensor())
+    return node
+
+
+def _inputs(g, *values):
+    """Node inputs with absent optional ones in the middle as empty names and
+    trailing absent ones dropped."""
+    values = list(values)
+    while values and _is_none(values[-1]):
+        values.pop()
+    return [_absent(g) if _is_none(v) else v for v in values]
+
+
+def _sizes(g, value, index, name, op):
+    """The shape of input ``index`` of the op (traced value ``value``): from
+    ONNX shape inference, else as traced (the original node's input), whose
+    dimensions but the first the attributes are computed from."""
+    sizes = _known_sizes(value)
+    if sizes is None or any(s is None for s in sizes[1:]):
+        sizes = _known_sizes(g.original_node.inputsAt(index))
+    if sizes is None or any(s is None for s in sizes[1:]):
+        raise _validation.ArgumentError(f"ONNX export of {op}: {name} needs a static shape "
+                                        f"(its dimensions but the first), got {sizes}")
+    return sizes
+
+
+def _known_sizes(value):
+    kind = value.type()
+    return kind.varyingSizes() if isinstance(kind, torch._C.TensorType) else None
+
+
+def _rois(rois):
+    """R, the number of RoIs (None when dynamic)."""
+    sizes = _known_sizes(rois)
+    return sizes[0] if sizes else None
+
+
+def _dtype(value):
+    return value.type().dtype()
+
+
+def _symbolic_deform_conv2d(g, input, offset, weight, bias, stride, padding, dilation, mask):
+    op = "cupydcn::deform_conv2d"
+    if g.opset < DEFORM_CONV_OPSET:
+        raise _validation.ArgumentError(_opset_message(g.opset))
+    C = _sizes(g, input, 0, "input", op)[1]
+    Cout, Cg, kh, kw = _sizes(g, weight, 2, "weight", op)
+    offset_channels = _sizes(g, offset, 1, "offset", op)[1]
+    (sh, sw), (ph, pw), (dh, dw) = stride, padding, dilation
+    tensors = (input, weight, offset, bias, mask)
+    # bfloat16 DeformConv needs opset 22, beyond this exporter: float32 between Casts
+    cast = _dtype(input) == torch.bfloat16 and g.opset < DEFORM_CONV_BFLOAT16_OPSET
+    if cast:
+        tensors = [t if _is_none(t) else g.op("Cast", t, to_i=_ONNX_FLOAT) for t in tensors]
+    out = g.op("DeformConv", *_inputs(g, *tensors), dilations_i=[dh, dw], group_i=C // Cg,
+               kernel_shape_i=[kh, kw], offset_group_i=offset_channels // (2 * kh * kw),
+               pads_i=[ph, pw, ph, pw], strides_i=[sh, sw])
+    return g.op("Cast", out, to_i=_ONNX_BFLOAT16) if cast else out
+
+
+def _symbolic_deform_roi_pool(g, input, rois, offset, output_size, spatial_scale, sampling_ratio,
+                              gamma, mask):
+    ph, pw = output_size
+    out = g.op(f"{DOMAIN}::DeformRoIPool", *_inputs(g, input, rois, offset, mask),
+               output_size_i=[ph, pw], spatial_scale_f=spatial_scale,
+               sampling_ratio_i=sampling_ratio, gamma_f=gamma)
+    C = _sizes(g, input, 0, "input", "cupydcn::deform_roi_pool")[1]
+    out.setType(input.type().with_sizes([_rois(rois), C, ph, pw]))
+    return out
+
+
+def _symbolic_deform_psroi_pool(g, input, rois, trans, spatial_scale, output_dim, group_size,
+                                pooled_size, part_size, sample_per_part, trans_std):
+    from torch.onnx import symbolic_helper
+
+    op = "cupydcn::deform_psroi_pool"
+    if _is_none(output_dim):
+        output_dim = _sizes(g, input, 0, "input", op)[1] // group_size**2
+    else:
+        output_dim = symbolic_helper._get_const(output_dim, "i", "output_dim")
+    out, count = g.op(f"{DOMAIN}::DeformPSRoIPool", *_inputs(g, input, rois, trans),
+                      spatial_scale_f=spatial_scale, output_dim_i=output_dim,
+                      group_size_i=group_size, pooled_size_i=pooled_size,
+                      part_size_i=part_size or pooled_size, sample_per_part_i=sample_per_part,
+                      trans_std_f=trans_std, outputs=2)
+    shape = [_rois(rois), output_dim, pooled_size, pooled_size]
+    out.setType(input.type().with_sizes(shape))
+    acc = torch.float64 if _dtype(input) == torch.float64 else torch.float32
+    count.setType(input.type().with_dtype(acc).with_sizes(shape))
+    return out, count
+
+
+def register_torchscript_symbolics():
+    """Register the TorchScript exporter's translations of the
+    ``torch.ops.cupydcn`` forward ops (for every opset it exports; the
+    DeformConv one refuses opsets below 19 by name)."""
+    from torch.onnx import register_custom_op_symbolic, symbolic_helper
+
+    parse = symbolic_helper.parse_args
+    symbolics = {
+        "deform_conv2d": parse("v", "v", "v", "v", "is", "is", "is", "v")(
+            _symbolic_deform_conv2d),
+        "deform_roi_pool": parse("v", "v", "v", "is", "f", "i", "f", "v")(
+            _symbolic_deform_roi_pool),
+        "deform_psroi_pool": parse("v", "v", "v", "f", "v", "i", "i", "i", "i", "f")(
+            _symbolic_deform_psroi_pool),
+    }
+    for name, symbolic in symbolics.items():
+        register_custom_op_symbolic(f"cupydcn::{name}", symbolic, _TORCHSCRIPT_MIN_OPSET)
+
+
+_TORCHSCRIPT_MIN_OPSET = 7  # torch.onnx's ONNX_MIN_OPSET
+_ONNX_FLOAT, _ONNX_BFLOAT16 = 1, 16  # onnx.TensorProto.FLOAT, .BFLOAT16
+
+
+register_torchscript_symbolics()
