@@ -2,7 +2,10 @@
 CUDA C kernels loaded with CuPy, behind an array-in, array-out API.
 
 CuPy arrays and CUDA DLPack arrays (torch, JAX, ...) run on their GPU without
-copies; NumPy arrays run the NumPy reference (``cupydcn.reference``). The
+copies; NumPy arrays run on the CPU backend (:func:`set_cpu_backend`: the same
+kernels compiled for the CPU, or the NumPy reference ``cupydcn.reference``).
+Each op has several implementations (:func:`algorithms`); every op function
+takes ``algorithm=`` to name one, else the dispatcher chooses. The
 numbers are those of torchvision and mmcv (docs/semantics.md). Importing cupydcn
 imports neither CuPy's CUDA runtime, torch nor TensorFlow.
 
@@ -14,6 +17,7 @@ expected.
 """
 
 from cupydcn._config import get_workspace_limit, set_workspace_limit
+from cupydcn._dispatch import algorithms, get_cpu_backend, set_cpu_backend
 from cupydcn._deform_conv import DeformConv2dGrads, deform_conv2d, deform_conv2d_backward
 from cupydcn._validation import ArgumentError, ArgumentTypeError
 from cupydcn._roi_pool import (
@@ -33,12 +37,15 @@ __all__ = [
     "DeformConv2dGrads",
     "DeformPSRoIPoolGrads",
     "DeformRoIPoolGrads",
+    "algorithms",
     "deform_conv2d",
     "deform_conv2d_backward",
     "deform_psroi_pool",
     "deform_psroi_pool_backward",
     "deform_roi_pool",
     "deform_roi_pool_backward",
+    "get_cpu_backend",
     "get_workspace_limit",
+    "set_cpu_backend",
     "set_workspace_limit",
 ]

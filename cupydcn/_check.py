@@ -1,8 +1,9 @@
 """``cupydcn check``: is this machine computing the right numbers?
 
-Reports the GPU and CuPy found, runs every op forward and backward on the GPU
-(or, with no GPU, the same kernel source compiled for the CPU), and compares
-each result with the float64 NumPy reference at the tolerances of
+Reports the GPU and CuPy found and the CPU backend, runs every kernel
+implementation of every op (``cupydcn.algorithms``) forward and backward on
+the GPU (or, with no GPU, the same kernel source compiled for the CPU), and
+compares each result with the float64 NumPy reference at the tolerances of
 docs/semantics.md §5.3.
 Exit status 0 when every comparison passes.
 """
@@ -10,13 +11,14 @@ Exit status 0 when every comparison passes.
 from __future__ import annotations
 
 import platform
-import shutil
 import sys
 import threading
+import types
 
 import numpy
 
-from cupydcn import _deform_conv, _dtypes, _gpu, _kernels, _roi_pool, _validation, reference
+from cupydcn import (_deform_conv, _dispatch, _dtypes, _gpu, _kernels, _roi_pool, _validation,
+                     reference)
 
 
 def environment():
@@ -25,6 +27,8 @@ def environment():
 
     lines = [f"cupydcn {cupydcn.__version__}, NumPy {numpy.__version__}, "
              f"Python {platform.python_version()}"]
+    cpu, why_cpu = _dispatch.cpu_backend_reason()
+    lines.append(f"CPU backend (NumPy and CPU framework arrays): {cpu} ({why_cpu})")
     try:
         import cupy
     except ImportError as error:
@@ -44,7 +48,7 @@ def environment():
                          f"CUDA runtime {runtime // 1000}.{runtime % 1000 // 10}")
             return lines, _kernels.cupy_backend(), "GPU"
         lines.append(why)
-    compiler = shutil.which(_kernels.HostBackend().compiler)
+    compiler = _dispatch._compiler()
     if compiler:
         lines.append(f"running the kernels compiled for the CPU with {compiler} (no GPU)")
         return lines, _kernels.HostBackend(grid=4, block=64), "CPU (host-built kernels)"
@@ -64,7 +68,11 @@ def _rel(got, ref):
     return float(numpy.linalg.norm(got - ref) / (scale if scale else 1.0))
 
 
-def _conv_case(backend, dtype):
+def _arrays(**arrays):
+    return types.SimpleNamespace(**arrays)
+
+
+def _conv_case(backend, dtype, implementation):
     """One DCNv2 layer (groups 2, offset groups 2, stride 2) forward and backward."""
     rng = numpy.random.default_rng(7)
     B, C, H, W, Cout, k = 2, 8, 13, 11, 6, 3
@@ -82,10 +90,9 @@ def _conv_case(backend, dtype):
     dev = {key: backend.xp.asarray(v.astype(dtype)) for key, v in host.items()}
     geo = _validation.check_deform_conv2d(dev["input"], dev["offset"], dev["weight"], dev["bias"],
                                           mask=dev["mask"], **params)
-    out = _deform_conv.forward(backend, geo, dev["input"], dev["offset"], dev["weight"],
-                               dev["bias"], dev["mask"])
-    grads = _deform_conv.backward(backend, geo, dev["grad_output"], dev["input"], dev["offset"],
-                                  dev["weight"], dev["mask"], frozenset(_deform_conv.GRADIENTS))
+    arrays = _arrays(**dev)
+    out = implementation.forward(backend, geo, arrays)
+    grads = implementation.backward(backend, geo, arrays, frozenset(_deform_conv.GRADIENTS))
     ref_out = reference.deform_conv2d(exact["input"], exact["offset"], exact["weight"],
                                       exact["bias"], mask=exact["mask"], **params)
     ref_grads = reference.deform_conv2d_backward(exact["grad_output"], exact["input"],
@@ -109,7 +116,7 @@ def _roi_inputs(backend, dtype, rng):
     return exact, dev
 
 
-def _roi_case(backend, dtype):
+def _roi_case(backend, dtype, implementation):
     """Modulated deformable RoI pooling (3x3 bins, adaptive sampling)."""
     rng = numpy.random.default_rng(8)
     exact, dev = _roi_inputs(backend, dtype, rng)
@@ -120,10 +127,10 @@ def _roi_case(backend, dtype):
     params = dict(output_size=(3, 3), spatial_scale=0.5, sampling_ratio=0, gamma=0.1)
     geo = _validation.check_deform_roi_pool(dev["feat"], dev["rois"], dev["offset"],
                                             mask=dev["mask"], **params)
-    out = _roi_pool.roi_pool_forward(backend, geo, dev["feat"], dev["rois"], dev["offset"],
-                                     dev["mask"])
-    grads = _roi_pool.roi_pool_backward(backend, geo, dev["grad"], dev["feat"], dev["rois"],
-                                        dev["offset"], dev["mask"])
+    arrays = _arrays(input=dev["feat"], rois=dev["rois"], offset=dev["offset"],
+                     mask=dev["mask"], grad_output=dev["grad"])
+    out = implementation.forward(backend, geo, arrays)
+    grads = implementation.backward(backend, geo, arrays, frozenset(_roi_pool.ROI_GRADIENTS))
     ref_out = reference.deform_roi_pool(exact["feat"], exact["rois"], exact["offset"],
                                         mask=exact["mask"], **params)
     ref_grads = reference.deform_roi_pool_backward(exact["grad"], exact["feat"], exact["rois"],
@@ -134,7 +141,7 @@ def _roi_case(backend, dtype):
     return results
 
 
-def _psroi_case(backend, dtype):
+def _psroi_case(backend, dtype, implementation):
     """Deformable PS RoI pooling, 2 classes, 3x3 bins, 2x2 parts."""
     rng = numpy.random.default_rng(9)
     exact, dev = _roi_inputs(backend, dtype, rng)
@@ -144,9 +151,10 @@ def _psroi_case(backend, dtype):
     params = dict(spatial_scale=0.5, output_dim=2, group_size=2, pooled_size=3, part_size=2,
                   sample_per_part=2, trans_std=0.1)
     geo = _validation.check_deform_psroi_pool(dev["feat"], dev["rois"], dev["trans"], **params)
-    out, count = _roi_pool.psroi_pool_forward(backend, geo, dev["feat"], dev["rois"], dev["trans"])
-    grads = _roi_pool.psroi_pool_backward(backend, geo, dev["grad"], dev["feat"], dev["rois"],
-                                          dev["trans"], count)
+    arrays = _arrays(input=dev["feat"], rois=dev["rois"], trans=dev["trans"],
+                     grad_output=dev["grad"])
+    out, arrays.count = implementation.forward(backend, geo, arrays)
+    grads = implementation.backward(backend, geo, arrays, frozenset(_roi_pool.PSROI_GRADIENTS))
     ref_out, _ = reference.deform_psroi_pool(exact["feat"], exact["rois"], exact["trans"], **params)
     ref_grads = reference.deform_psroi_pool_backward(exact["grad"], exact["feat"], exact["rois"],
                                                      exact["trans"], **params)
@@ -156,7 +164,14 @@ def _psroi_case(backend, dtype):
     return results
 
 
-CASES = [_conv_case, _roi_case, _psroi_case]
+# (op, case): every kernel implementation of the op runs the case
+CASES = [("deform_conv2d", _conv_case), ("deform_roi_pool", _roi_case),
+         ("deform_psroi_pool", _psroi_case)]
+
+
+def _kernel_implementations(op):
+    """The op's registered implementations that run kernels (not the reference)."""
+    return [i for i in _dispatch._registry[op] if i.launch is not None]
 
 
 def _compile_notice():
@@ -175,18 +190,19 @@ def main(argv=None):
     notice = threading.Timer(1.0, _compile_notice)
     notice.daemon = True
     notice.start()
-    print(f"\n{'op':<34}{'dtype':<10}{'rel. error':>12}{'tolerance':>11}  result   [{where}]",
-          flush=True)
+    print(f"\n{'op':<34}{'algorithm':<22}{'dtype':<10}{'rel. error':>12}{'tolerance':>11}"
+          f"  result   [{where}]", flush=True)
     for dtype in _dtypes.DTYPES.values():
         tolerance = dtype.tolerance
-        for case in CASES:
-            results = case(backend, dtype.dtype)
-            notice.cancel()
-            for op, err in results:
-                ok = err <= tolerance
-                failures += not ok
-                print(f"{op:<34}{dtype.name:<10}{err:>12.2e}{tolerance:>11.0e}  "
-                      f"{'ok' if ok else 'FAILED'}")
+        for op_name, case in CASES:
+            for implementation in _kernel_implementations(op_name):
+                results = case(backend, dtype.dtype, implementation)
+                notice.cancel()
+                for op, err in results:
+                    ok = err <= tolerance
+                    failures += not ok
+                    print(f"{op:<34}{implementation.name:<22}{dtype.name:<10}{err:>12.2e}"
+                          f"{tolerance:>11.0e}  {'ok' if ok else 'FAILED'}")
     verdict = "all ops match the reference" if not failures else f"{failures} comparison(s) FAILED"
     print(f"\n{verdict} on {where}")
     sys.stdout.flush()

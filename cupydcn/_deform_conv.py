@@ -1,10 +1,11 @@
 """Deformable convolution v1/v2: array in, array out, forward and backward.
 
-The GPU path is deformable im2col (kernels/deform_conv.cu) + one batched GEMM
-over the weight groups (cuBLAS through ``xp.matmul``), in tiles of images or
-output rows bounded by the workspace limit. The same code runs on the host
-build of the kernels (``_kernels.HostBackend``) in the CPU test tier. NumPy
-inputs take the reference (``cupydcn.reference``).
+The kernel path is deformable im2col (kernels/deform_conv.cu) + one batched
+GEMM over the weight groups (cuBLAS through ``xp.matmul`` on the GPU), in tiles
+of images or output rows bounded by the workspace limit; it runs on CuPy and on
+the host build of the same kernels (``_kernels.HostBackend``). Its
+implementations, and the NumPy reference's, are registered with the dispatcher
+(``_dispatch``), which picks one per call.
 """
 
 from __future__ import annotations
@@ -13,8 +14,9 @@ from typing import NamedTuple
 
 import numpy
 
-from cupydcn import _arrays, _config, _dtypes, _kernels, _validation, reference
+from cupydcn import _arrays, _config, _dispatch, _dtypes, _kernels, _validation, reference
 
+_OP = "deform_conv2d"
 _FILE = "deform_conv"
 GRADIENTS = ("input", "offset", "weight", "bias", "mask")
 
@@ -28,7 +30,8 @@ class DeformConv2dGrads(NamedTuple):
     mask: object
 
 
-def deform_conv2d(input, offset, weight, bias=None, stride=1, padding=0, dilation=1, mask=None):
+def deform_conv2d(input, offset, weight, bias=None, stride=1, padding=0, dilation=1, mask=None,
+                  algorithm=None):
     """Deformable convolution (DCNv1), or modulated deformable convolution
     (DCNv2) when ``mask`` is given; ``torchvision.ops.deform_conv2d``'s meaning.
 
@@ -44,13 +47,17 @@ def deform_conv2d(input, offset, weight, bias=None, stride=1, padding=0, dilatio
         bias: (Cout,) array or None.
         stride, padding, dilation: int or (h, w) pair.
         mask: (B, offset_groups*kh*kw, Ho, Wo) array in [0, 1] or None (DCNv1).
+        algorithm: None (the automatic choice) or the name of an
+            implementation from ``cupydcn.algorithms("deform_conv2d")``.
 
     Returns:
         (B, Cout, Ho, Wo) array of the input's library, dtype and device.
 
     CuPy arrays (and CUDA DLPack arrays) run the CUDA kernels on their device
-    and the current CuPy stream; NumPy (and CPU DLPack) arrays run the NumPy
-    reference. Groups and offset groups are inferred from the shapes.
+    and the current CuPy stream; NumPy (and CPU DLPack) arrays run on the CPU
+    backend (:func:`cupydcn.set_cpu_backend`: the kernels compiled for the
+    CPU, or the NumPy reference). Groups and offset groups are inferred from
+    the shapes.
 
     Raises:
         ArgumentError: a bad shape or value (a ``ValueError`` and a
@@ -69,18 +76,15 @@ def deform_conv2d(input, offset, weight, bias=None, stride=1, padding=0, dilatio
     geo = _validation.check_deform_conv2d(call.input, call.offset, call.weight, call.bias,
                                           stride, padding, dilation, call.mask)
     with call.device():
-        if call.on_gpu or _is_empty(geo):
-            out = forward(_kernels.backend_for(call), geo, call.input, call.offset, call.weight,
-                          call.bias, call.mask)
-        else:
-            out = reference.deform_conv2d(call.input, call.offset, call.weight, call.bias,
-                                          geo.stride, geo.padding, geo.dilation, call.mask)
-            out = _arrays.result(numpy, out, geo.dtype.dtype)
+        implementation, backend = _dispatch.choose(_OP, call.on_gpu, geo, algorithm,
+                                                   empty=_is_empty(geo))
+        out = implementation.forward(backend, geo, call)
     return call.wrap(out)
 
 
 def deform_conv2d_backward(grad_output, input, offset, weight, bias=None, stride=1, padding=0,
-                           dilation=1, mask=None, wrt=GRADIENTS, deterministic=False):
+                           dilation=1, mask=None, wrt=GRADIENTS, deterministic=False,
+                           algorithm=None):
     """Gradients of :func:`deform_conv2d` (torchvision's, docs/semantics.md §2.6).
 
     Args:
@@ -97,6 +101,9 @@ def deform_conv2d_backward(grad_output, input, offset, weight, bias=None, stride
             atomics (samples sorted by the pixel cell they touch, then one
             gathering thread per input element), so every gradient is
             bit-identical from run to run; slower than the default scatter.
+            A filter on the implementations the dispatcher may choose.
+        algorithm: None (the automatic choice) or the name of an
+            implementation from ``cupydcn.algorithms("deform_conv2d")``.
 
     Returns:
         DeformConv2dGrads(input, offset, weight, bias, mask), each an array
@@ -115,17 +122,9 @@ def deform_conv2d_backward(grad_output, input, offset, weight, bias=None, stride
                                           stride, padding, dilation, call.mask,
                                           grad_output=call.grad_output)
     with call.device():
-        if call.on_gpu or _is_empty(geo):
-            grads = backward(_kernels.backend_for(call), geo, call.grad_output, call.input,
-                             call.offset, call.weight, call.mask, wrt, deterministic)
-        else:
-            full = reference.deform_conv2d_backward(
-                call.grad_output, call.input, call.offset, call.weight, call.bias, geo.stride,
-                geo.padding, geo.dilation, call.mask)
-            grads = DeformConv2dGrads(*(
-                _arrays.result(numpy, g, geo.dtype.dtype) if name in wrt and g is not None
-                else None
-                for name, g in zip(GRADIENTS, full)))
+        implementation, backend = _dispatch.choose(_OP, call.on_gpu, geo, algorithm,
+                                                   deterministic, empty=_is_empty(geo))
+        grads = implementation.backward(backend, geo, call, wrt)
     return call.wrap(grads)
 
 
@@ -316,3 +315,49 @@ def backward(backend, geo, grad_output, input, offset, weight, mask, wrt, determ
     if grad_weight is not None:
         grad_weight = _arrays.result(xp, grad_weight.reshape(weight.shape), dtype)
     return DeformConv2dGrads(grad_input, grad_offset, grad_weight, grad_bias, grad_mask)
+
+
+# --------------------------------------------------------------------------
+# The implementations (see _dispatch): ``a`` is the call's converted arrays
+# --------------------------------------------------------------------------
+
+def _kernels_forward(backend, geo, a):
+    return forward(backend, geo, a.input, a.offset, a.weight, a.bias, a.mask)
+
+
+def _kernels_backward(deterministic):
+    def run(backend, geo, a, wrt):
+        return backward(backend, geo, a.grad_output, a.input, a.offset, a.weight, a.mask, wrt,
+                        deterministic)
+    return run
+
+
+def _reference_forward(backend, geo, a):
+    out = reference.deform_conv2d(a.input, a.offset, a.weight, a.bias, geo.stride, geo.padding,
+                                  geo.dilation, a.mask)
+    return _arrays.result(numpy, out, geo.dtype.dtype)
+
+
+def _reference_backward(backend, geo, a, wrt):
+    full = reference.deform_conv2d_backward(a.grad_output, a.input, a.offset, a.weight, a.bias,
+                                            geo.stride, geo.padding, geo.dilation, a.mask)
+    return DeformConv2dGrads(*(
+        _arrays.result(numpy, g, geo.dtype.dtype) if name in wrt and g is not None else None
+        for name, g in zip(GRADIENTS, full)))
+
+
+_KERNELS = frozenset({_dispatch.CUDA, _dispatch.HOST})
+_dispatch.register(_dispatch.Implementation(
+    "im2col", _OP, _KERNELS, deterministic=False, forward=_kernels_forward,
+    backward=_kernels_backward(False), launch=_dispatch.Launch(_FILE), priority=20,
+    summary="deformable im2col + batched GEMM; input gradient scattered by col2im "
+            "with float atomics"))
+_dispatch.register(_dispatch.Implementation(
+    "im2col_deterministic", _OP, _KERNELS, deterministic=True, forward=_kernels_forward,
+    backward=_kernels_backward(True), launch=_dispatch.Launch(_FILE), priority=10,
+    summary="im2col + GEMM; input gradient gathered per input element from samples "
+            "sorted by pixel cell (no float atomics)"))
+_dispatch.register(_dispatch.Implementation(
+    "reference", _OP, frozenset({_dispatch.NUMPY}), deterministic=True,
+    forward=_reference_forward, backward=_reference_backward, priority=0,
+    summary="the NumPy float64 reference (cupydcn.reference), rounded to the dtype"))

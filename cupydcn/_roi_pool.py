@@ -17,10 +17,11 @@ from typing import NamedTuple
 
 import numpy
 
-from cupydcn import _arrays, _config, _dtypes, _kernels, _validation, reference
+from cupydcn import _arrays, _config, _dispatch, _dtypes, _kernels, _validation, reference
 
 _ROI = "deform_roi_pool"
 _PSROI = "deform_psroi_pool"
+_ROI_OP, _PSROI_OP = "deform_roi_pool", "deform_psroi_pool"  # the ops (_dispatch)
 ROI_GRADIENTS = ("input", "offset", "mask")
 PSROI_GRADIENTS = ("input", "trans")
 
@@ -39,7 +40,7 @@ class DeformPSRoIPoolGrads(NamedTuple):
 
 
 def deform_roi_pool(input, rois, offset=None, output_size=7, spatial_scale=1.0,
-                    sampling_ratio=0, gamma=0.1, mask=None):
+                    sampling_ratio=0, gamma=0.1, mask=None, algorithm=None):
     """Deformable RoI pooling, RoIAlign style (mmcv's ``deform_roi_pool``), or
     modulated deformable RoI pooling when ``mask`` is given.
 
@@ -61,6 +62,8 @@ def deform_roi_pool(input, rois, offset=None, output_size=7, spatial_scale=1.0,
             ``ceil(roi_size / pooled)`` capped at 64.
         gamma: float, the offset scale.
         mask: (R, 1, ph, pw) array (the modulated pack's sigmoid mask) or None.
+        algorithm: None (the automatic choice) or the name of an
+            implementation from ``cupydcn.algorithms("deform_roi_pool")``.
 
     Returns:
         (R, C, ph, pw) array of the input's library, dtype and device.
@@ -87,20 +90,15 @@ def deform_roi_pool(input, rois, offset=None, output_size=7, spatial_scale=1.0,
     geo = _validation.check_deform_roi_pool(call.input, call.rois, call.offset, output_size,
                                             spatial_scale, sampling_ratio, gamma, call.mask)
     with call.device():
-        if call.on_gpu or not geo.R * geo.C:
-            out = roi_pool_forward(_kernels.backend_for(call), geo, call.input, call.rois,
-                                   call.offset, call.mask)
-        else:
-            out = reference.deform_roi_pool(call.input, call.rois, call.offset,
-                                            (geo.ph, geo.pw), geo.spatial_scale,
-                                            geo.sampling_ratio, geo.gamma, call.mask)
-            out = _arrays.result(numpy, out, geo.dtype.dtype)
+        implementation, backend = _dispatch.choose(_ROI_OP, call.on_gpu, geo, algorithm,
+                                                   empty=not geo.R * geo.C)
+        out = implementation.forward(backend, geo, call)
     return call.wrap(out)
 
 
 def deform_roi_pool_backward(grad_output, input, rois, offset=None, output_size=7,
                              spatial_scale=1.0, sampling_ratio=0, gamma=0.1, mask=None,
-                             wrt=ROI_GRADIENTS, deterministic=False):
+                             wrt=ROI_GRADIENTS, deterministic=False, algorithm=None):
     """Gradients of :func:`deform_roi_pool` (none for ``rois``).
 
     grad input: each sample scatters ``grad * mask / count * corner weight``.
@@ -128,6 +126,8 @@ def deform_roi_pool_backward(grad_output, input, rois, offset=None, output_size=
             the same limit gives the same bits), plus 16 bytes per bin and
             16 per image pixel (N*H*W). NumPy inputs (the reference) are
             always deterministic.
+        algorithm: None (the automatic choice) or the name of an
+            implementation from ``cupydcn.algorithms("deform_roi_pool")``.
 
     Returns:
         DeformRoIPoolGrads(input (N, C, H, W), offset (R, 2, ph, pw),
@@ -145,23 +145,15 @@ def deform_roi_pool_backward(grad_output, input, rois, offset=None, output_size=
                                             spatial_scale, sampling_ratio, gamma, call.mask,
                                             grad_output=call.grad_output)
     with call.device():
-        if call.on_gpu or not geo.R * geo.C:
-            grads = roi_pool_backward(_kernels.backend_for(call), geo, call.grad_output, call.input,
-                                      call.rois, call.offset, call.mask, wrt, deterministic)
-        else:
-            full = reference.deform_roi_pool_backward(
-                call.grad_output, call.input, call.rois, call.offset, (geo.ph, geo.pw),
-                geo.spatial_scale, geo.sampling_ratio, geo.gamma, call.mask)
-            grads = DeformRoIPoolGrads(*(
-                _arrays.result(numpy, g, geo.dtype.dtype) if name in wrt and g is not None
-                else None
-                for name, g in zip(ROI_GRADIENTS, full)))
+        implementation, backend = _dispatch.choose(_ROI_OP, call.on_gpu, geo, algorithm,
+                                                   deterministic, empty=not geo.R * geo.C)
+        grads = implementation.backward(backend, geo, call, wrt)
     return call.wrap(grads)
 
 
 def deform_psroi_pool(input, rois, trans=None, spatial_scale=1.0, output_dim=None,
                       group_size=1, pooled_size=7, part_size=0, sample_per_part=4,
-                      trans_std=0.0, return_count=False):
+                      trans_std=0.0, return_count=False, algorithm=None):
     """Deformable position-sensitive RoI pooling (the official DCN operator,
     ``DeformablePSROIPooling``, R-FCN head).
 
@@ -184,6 +176,8 @@ def deform_psroi_pool(input, rois, trans=None, spatial_scale=1.0, output_dim=Non
         sample_per_part: int >= 1, samples per bin per axis.
         trans_std: float, the trans scale.
         return_count: also return the samples counted per output element.
+        algorithm: None (the automatic choice) or the name of an
+            implementation from ``cupydcn.algorithms("deform_psroi_pool")``.
 
     Returns:
         (R, output_dim, pooled_size, pooled_size) array, and with
@@ -204,14 +198,9 @@ def deform_psroi_pool(input, rois, trans=None, spatial_scale=1.0, output_dim=Non
                                               output_dim, group_size, pooled_size, part_size,
                                               sample_per_part, trans_std)
     with call.device():
-        if call.on_gpu or not geo.R * geo.output_dim:
-            out, count = psroi_pool_forward(_kernels.backend_for(call), geo, call.input, call.rois,
-                                            call.trans)
-        else:
-            out, count = reference.deform_psroi_pool(call.input, call.rois, call.trans,
-                                                     **_psroi_keywords(geo))
-            out = _arrays.result(numpy, out, geo.dtype.dtype)
-            count = _arrays.result(numpy, count, geo.dtype.acc)
+        implementation, backend = _dispatch.choose(_PSROI_OP, call.on_gpu, geo, algorithm,
+                                                   empty=not geo.R * geo.output_dim)
+        out, count = implementation.forward(backend, geo, call)
     if return_count:
         return call.wrap(out), call.wrap(count)
     return call.wrap(out)
@@ -220,7 +209,7 @@ def deform_psroi_pool(input, rois, trans=None, spatial_scale=1.0, output_dim=Non
 def deform_psroi_pool_backward(grad_output, input, rois, trans=None, count=None,
                                spatial_scale=1.0, output_dim=None, group_size=1,
                                pooled_size=7, part_size=0, sample_per_part=4, trans_std=0.0,
-                               wrt=PSROI_GRADIENTS, deterministic=False):
+                               wrt=PSROI_GRADIENTS, deterministic=False, algorithm=None):
     """Gradients of :func:`deform_psroi_pool` (the official backward; none for rois).
 
     grad input: each counted sample scatters ``grad / count * corner weight``.
@@ -248,6 +237,8 @@ def deform_psroi_pool_backward(grad_output, input, rois, trans=None, count=None,
             (:func:`cupydcn.set_workspace_limit`; the same limit gives the
             same bits), plus 16 bytes per (image, class, group, pixel). NumPy
             inputs (the reference) are always deterministic.
+        algorithm: None (the automatic choice) or the name of an
+            implementation from ``cupydcn.algorithms("deform_psroi_pool")``.
 
     Returns:
         DeformPSRoIPoolGrads(input (N, C, H, W), trans (R, 2*num_classes, part, part)),
@@ -267,17 +258,9 @@ def deform_psroi_pool_backward(grad_output, input, rois, trans=None, count=None,
                                               sample_per_part, trans_std,
                                               grad_output=call.grad_output, count=call.count)
     with call.device():
-        if call.on_gpu or not geo.R * geo.output_dim:
-            grads = psroi_pool_backward(_kernels.backend_for(call), geo, call.grad_output,
-                                        call.input, call.rois, call.trans, call.count, wrt,
-                                        deterministic)
-        else:
-            full = reference.deform_psroi_pool_backward(call.grad_output, call.input, call.rois,
-                                                        call.trans, **_psroi_keywords(geo))
-            grads = DeformPSRoIPoolGrads(*(
-                _arrays.result(numpy, g, geo.dtype.dtype) if name in wrt and g is not None
-                else None
-                for name, g in zip(PSROI_GRADIENTS, full)))
+        implementation, backend = _dispatch.choose(_PSROI_OP, call.on_gpu, geo, algorithm,
+                                                   deterministic, empty=not geo.R * geo.output_dim)
+        grads = implementation.backward(backend, geo, call, wrt)
     return call.wrap(grads)
 
 
@@ -524,3 +507,81 @@ def psroi_pool_backward(backend, geo, grad_output, input, rois, trans=None, coun
     if grad_trans is not None:
         grad_trans = _arrays.result(xp, grad_trans, dtype)
     return DeformPSRoIPoolGrads(grad_input, grad_trans)
+
+
+# --------------------------------------------------------------------------
+# The implementations (see _dispatch): ``a`` is the call's converted arrays
+# --------------------------------------------------------------------------
+
+def _roi_kernels_forward(backend, geo, a):
+    return roi_pool_forward(backend, geo, a.input, a.rois, a.offset, a.mask)
+
+
+def _roi_kernels_backward(deterministic):
+    def run(backend, geo, a, wrt):
+        return roi_pool_backward(backend, geo, a.grad_output, a.input, a.rois, a.offset, a.mask,
+                                 wrt, deterministic)
+    return run
+
+
+def _roi_reference_forward(backend, geo, a):
+    out = reference.deform_roi_pool(a.input, a.rois, a.offset, (geo.ph, geo.pw),
+                                    geo.spatial_scale, geo.sampling_ratio, geo.gamma, a.mask)
+    return _arrays.result(numpy, out, geo.dtype.dtype)
+
+
+def _roi_reference_backward(backend, geo, a, wrt):
+    full = reference.deform_roi_pool_backward(a.grad_output, a.input, a.rois, a.offset,
+                                              (geo.ph, geo.pw), geo.spatial_scale,
+                                              geo.sampling_ratio, geo.gamma, a.mask)
+    return DeformRoIPoolGrads(*(
+        _arrays.result(numpy, g, geo.dtype.dtype) if name in wrt and g is not None else None
+        for name, g in zip(ROI_GRADIENTS, full)))
+
+
+def _psroi_kernels_forward(backend, geo, a):
+    return psroi_pool_forward(backend, geo, a.input, a.rois, a.trans)
+
+
+def _psroi_kernels_backward(deterministic):
+    def run(backend, geo, a, wrt):
+        return psroi_pool_backward(backend, geo, a.grad_output, a.input, a.rois, a.trans,
+                                   a.count, wrt, deterministic)
+    return run
+
+
+def _psroi_reference_forward(backend, geo, a):
+    out, count = reference.deform_psroi_pool(a.input, a.rois, a.trans, **_psroi_keywords(geo))
+    return (_arrays.result(numpy, out, geo.dtype.dtype),
+            _arrays.result(numpy, count, geo.dtype.acc))
+
+
+def _psroi_reference_backward(backend, geo, a, wrt):
+    full = reference.deform_psroi_pool_backward(a.grad_output, a.input, a.rois, a.trans,
+                                                **_psroi_keywords(geo))
+    return DeformPSRoIPoolGrads(*(
+        _arrays.result(numpy, g, geo.dtype.dtype) if name in wrt and g is not None else None
+        for name, g in zip(PSROI_GRADIENTS, full)))
+
+
+def _register(op, file, forward, backward, reference_forward, reference_backward):
+    kernels = frozenset({_dispatch.CUDA, _dispatch.HOST})
+    _dispatch.register(_dispatch.Implementation(
+        "bins", op, kernels, deterministic=False, forward=forward, backward=backward(False),
+        launch=_dispatch.Launch(file), priority=20,
+        summary="one thread per output element; input gradient scattered with float atomics"))
+    _dispatch.register(_dispatch.Implementation(
+        "bins_deterministic", op, kernels, deterministic=True, forward=forward,
+        backward=backward(True), launch=_dispatch.Launch(file), priority=10,
+        summary="the same forward; input gradient gathered per input element from samples "
+                "sorted by pixel cell (no float atomics)"))
+    _dispatch.register(_dispatch.Implementation(
+        "reference", op, frozenset({_dispatch.NUMPY}), deterministic=True,
+        forward=reference_forward, backward=reference_backward, priority=0,
+        summary="the NumPy float64 reference (cupydcn.reference), rounded to the dtype"))
+
+
+_register(_ROI_OP, _ROI, _roi_kernels_forward, _roi_kernels_backward, _roi_reference_forward,
+          _roi_reference_backward)
+_register(_PSROI_OP, _PSROI, _psroi_kernels_forward, _psroi_kernels_backward,
+          _psroi_reference_forward, _psroi_reference_backward)

@@ -395,12 +395,12 @@ def test_check_says_it_is_compiling_when_the_first_op_is_slow(monkeypatch, capsy
     notice = _check._compile_notice
     monkeypatch.setattr(_check, "_compile_notice", lambda: (notice(), said.set()))
 
-    def slow_case(backend, dtype):
+    def slow_case(backend, dtype, implementation):
         assert said.wait(60), "no compile notice while the first case ran"
         return [("op", 0.0)]
 
     monkeypatch.setattr(_check, "environment", lambda: (["machine"], object(), "CPU"))
-    monkeypatch.setattr(_check, "CASES", [slow_case])
+    monkeypatch.setattr(_check, "CASES", [("deform_conv2d", slow_case)])
     assert _check.main([]) == 0
     out = capsys.readouterr().out
     assert out.count("compiling kernels for this machine, first run only") == 1
