@@ -32,13 +32,17 @@ Same numbers as mmcv (docs/semantics.md §2, §3). Where cupydcn differs:
 * ``deformable_groups=``, mmcv's older name for ``deform_groups``, is accepted
   by the four conv modules, without mmcv's deprecation warning.
 
-The version-1 key rename runs in ``_load_from_state_dict``, which mmengine's
-``load_checkpoint`` / ``load_state_dict`` (what mmcv and mmdetection load
-checkpoints with) call with the whole state dict; ``torch.nn.Module.load_state_dict``
-hands each module only the keys under its own prefix, so there, as with mmcv
-itself, version-1 keys are reported as missing and unexpected.
+Version-1 checkpoints: the Packs' ``_load_from_state_dict`` renames the old
+keys as mmcv's does, which works under loaders that hand every module the
+whole state dict (mmcv 1.x's ``load_checkpoint``). Today's
+``torch.nn.Module.load_state_dict`` and mmengine's ``load_state_dict`` hand a
+module only the keys under its own prefix, where ``<layer>_offset.*`` never
+is, so there (with mmcv as with cupydcn) the old keys come out missing and
+unexpected: pass the checkpoint through :func:`upgrade_state_dict` first,
+``model.load_state_dict(upgrade_state_dict(model, checkpoint))``.
 """
 
+import collections
 import math
 
 from torch import Tensor, nn
@@ -66,6 +70,7 @@ __all__ = [
     "deform_conv2d",
     "deform_roi_pool",
     "modulated_deform_conv2d",
+    "upgrade_state_dict",
 ]
 
 
@@ -97,6 +102,11 @@ def _check_groups(input, offset, weight, groups, deform_groups, deform_name="def
 def _grouped_conv(input, offset, mask, weight, bias, stride, padding, dilation, groups,
                   deform_groups, deform_name="deform_groups"):
     """:func:`cupydcn.torch.deform_conv2d` for an API that names the groups."""
+    # the geometry first: a tensor passed where torchvision's order has bias
+    # lands in stride, and that is the message that says so
+    _validation.pair(stride, "stride", 1)
+    _validation.pair(padding, "padding", 0)
+    _validation.pair(dilation, "dilation", 1)
     _check_groups(input, offset, weight, groups, deform_groups, deform_name)
     return _deform_conv2d(input, offset, weight, bias, stride, padding, dilation, mask)
 
@@ -267,3 +277,25 @@ class ModulatedDeformConv2dPack(_LoadsVersion1, _ModulatedDeformConv2dPack,
         if hasattr(self, "conv_offset"):  # not yet while the base constructor runs
             self.conv_offset.weight.data.zero_()
             self.conv_offset.bias.data.zero_()
+
+
+def upgrade_state_dict(model, state_dict):
+    """``state_dict`` with mmcv's version-1 offset keys renamed for ``model``:
+    for every mmcv deformable conv Pack in ``model`` (this module's or
+    cupydcn.torch's) at ``<layer>``, ``<layer>_offset.{weight,bias}`` becomes
+    ``<layer>.conv_offset.{weight,bias}`` unless the checkpoint says the layer
+    is version 2 or already has the new key (mmcv's rule). Returns a new dict
+    (``_metadata`` kept); ``state_dict`` is not modified.
+
+    Example:
+        >>> model.load_state_dict(upgrade_state_dict(model, torch.load(path)["state_dict"]))
+    """
+    metadata = getattr(state_dict, "_metadata", None)
+    upgraded = collections.OrderedDict(state_dict)
+    if metadata is not None:
+        upgraded._metadata = metadata
+    for name, module in model.named_modules():
+        if name and isinstance(module, (_DeformConv2dPack, _ModulatedDeformConv2dPack)):
+            version = None if metadata is None else metadata.get(name, {}).get("version")
+            _upgrade_offset_keys(upgraded, name + ".", version)
+    return upgraded
