@@ -627,3 +627,39 @@ def test_detectron2_empty_input_skips_norm_and_activation():
     assert out.shape == (0, 6, 5, 7)
     out.sum().backward()
     assert x.grad.shape == x.shape
+
+
+# --------------------------------------------------------------------------
+# torch.compile
+# --------------------------------------------------------------------------
+
+
+class CompatNet(torch.nn.Module):
+    """One module of each family, with the groups checks, in one graph."""
+
+    def __init__(self):
+        super().__init__()
+        self.mmcv = mmcv.ModulatedDeformConv2dPack(4, 4, 3, padding=1, deform_groups=2)
+        self.dcn = dcnv2.DCN(4, 4, 3, 1, 1)
+        self.d2_offset = torch.nn.Conv2d(4, 18, 3, padding=1)
+        self.d2 = detectron2.DeformConv(4, 4, 3, padding=1, norm=torch.nn.GroupNorm(2, 4),
+                                        activation=torch.relu)
+        for conv in (self.mmcv.conv_offset, self.dcn.conv_offset_mask, self.d2_offset):
+            torch.nn.init.normal_(conv.weight, std=0.05)
+
+    def forward(self, x):
+        y = self.dcn(self.mmcv(x))
+        return self.d2(y, self.d2_offset(y))
+
+
+def test_compat_modules_compile_fullgraph():
+    torch.manual_seed(0)
+    net = CompatNet()
+    x = torch.randn(2, 4, 7, 6, requires_grad=True)
+    compiled = torch.compile(net, fullgraph=True, backend="aot_eager")
+    params = [x] + list(net.parameters())
+    out, grads = run(lambda: compiled(x), params)
+    out_eager, grads_eager = run(lambda: net(x), params)
+    torch.testing.assert_close(out, out_eager, rtol=1e-5, atol=1e-6)
+    for g, e in zip(grads, grads_eager):
+        torch.testing.assert_close(g, e, rtol=1e-5, atol=1e-6)

@@ -75,6 +75,10 @@ class DCNv2(ModulatedDeformConv2d):
         super().__init__(in_channels, out_channels, kernel_size, stride, padding, dilation,
                          groups=1, deform_groups=deformable_groups, bias=True)
 
+    def reset_parameters(self):
+        """DCNv2's name for :meth:`init_weights`."""
+        self.init_weights()
+
     @property
     def deformable_groups(self):
         """DCNv2's name for ``deform_groups``."""
