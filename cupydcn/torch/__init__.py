@@ -11,7 +11,9 @@ fake implementation so ``torch.compile(fullgraph=True)`` traces them):
 Modules: :class:`DeformConv2d` (torchvision), :class:`DeformConv2dPack`,
 :class:`ModulatedDeformConv2dPack`, :class:`DeformRoIPool`,
 :class:`DeformRoIPoolPack`, :class:`ModulatedDeformRoIPoolPack` (mmcv) and
-:class:`DeformPSRoIPool` (DCNv2's ``DCNv2Pooling``).
+:class:`DeformPSRoIPool` (DCNv2's ``DCNv2Pooling``). Each foreign library's own
+names, signatures and argument orders: ``cupydcn.torch.mmcv``,
+``cupydcn.torch.dcnv2`` (DCNv2 / CenterNet), ``cupydcn.torch.detectron2``.
 
 This file holds DLPack and autograd only; the numbers are the core's
 (docs/semantics.md). CUDA tensors run the CUDA kernels on their device, on torch's
