@@ -11,7 +11,9 @@ fake implementation so ``torch.compile(fullgraph=True)`` traces them):
 Modules: :class:`DeformConv2d` (torchvision), :class:`DeformConv2dPack`,
 :class:`ModulatedDeformConv2dPack`, :class:`DeformRoIPool`,
 :class:`DeformRoIPoolPack`, :class:`ModulatedDeformRoIPoolPack` (mmcv) and
-:class:`DeformPSRoIPool` (DCNv2's ``DCNv2Pooling``).
+:class:`DeformPSRoIPool` (DCNv2's ``DCNv2Pooling``). Each foreign library's own
+names, signatures and argument orders: ``cupydcn.torch.mmcv``,
+``cupydcn.torch.dcnv2`` (DCNv2 / CenterNet), ``cupydcn.torch.detectron2``.
 
 This file holds DLPack and autograd only; the numbers are the core's
 (docs/semantics.md). CUDA tensors run the CUDA kernels on their device, on torch's
@@ -714,10 +716,16 @@ class _MMCVDeformConv2d(nn.Module):
     """The part mmcv's DeformConv2d and ModulatedDeformConv2d share."""
 
     def __init__(self, in_channels, out_channels, kernel_size, stride, padding, dilation,
-                 groups, deform_groups, bias):
+                 groups, deform_groups, bias, deformable_groups=None):
         super().__init__()
         _conv_parameters(self, in_channels, out_channels, kernel_size, stride, padding, dilation,
                          groups, bias)
+        if deformable_groups is not None:  # mmcv's older name, accepted where mmcv accepts it
+            if deform_groups not in (1, deformable_groups):
+                raise ValueError(f"deformable_groups is mmcv's older name for deform_groups: give "
+                                 f"one, got deform_groups={deform_groups!r} and "
+                                 f"deformable_groups={deformable_groups!r}")
+            deform_groups = deformable_groups
         self.deform_groups = deform_groups
         # nn.Conv2d compatibility, as mmcv
         self.transposed = False
@@ -749,14 +757,16 @@ class DeformConv2dPack(_MMCVDeformConv2d):
     ``conv_offset.weight``, ``conv_offset.bias``; with ``bias=True``, which
     mmcv refuses and cupydcn supports, also ``bias``); ``weight`` is
     initialised as mmcv 2.x does (kaiming-uniform, relu gain). ``im2col_step``
-    is accepted and ignored: cupydcn chunks by ``cupydcn.set_workspace_limit``.
+    is accepted and ignored: cupydcn chunks by ``cupydcn.set_workspace_limit``;
+    ``deformable_groups=``, mmcv's older name for ``deform_groups``, is accepted.
     ``forward(x)``: (B, C, H, W) -> (B, out_channels, Ho, Wo).
     """
 
     def __init__(self, in_channels, out_channels, kernel_size, stride=1, padding=0, dilation=1,
-                 groups=1, deform_groups=1, bias=False, im2col_step=32):
+                 groups=1, deform_groups=1, bias=False, im2col_step=32, *,
+                 deformable_groups=None):
         super().__init__(in_channels, out_channels, kernel_size, stride, padding, dilation,
-                         groups, deform_groups, bias)
+                         groups, deform_groups, bias, deformable_groups=deformable_groups)
         self.im2col_step = im2col_step
         nn.init.kaiming_uniform_(self.weight, nonlinearity="relu")
         if self.bias is not None:
@@ -779,14 +789,15 @@ class ModulatedDeformConv2dPack(_MMCVDeformConv2d):
     Constructor and state_dict keys are mmcv's (``weight``, ``bias``,
     ``conv_offset.weight``, ``conv_offset.bias``), as is the initialisation
     (weight uniform in +-1/sqrt(in_channels*kh*kw), bias 0). At init the mask
-    is 0.5 everywhere and the offsets 0. ``forward(x)``: (B, C, H, W) ->
+    is 0.5 everywhere and the offsets 0. ``deformable_groups=``, mmcv's older
+    name for ``deform_groups``, is accepted. ``forward(x)``: (B, C, H, W) ->
     (B, out_channels, Ho, Wo).
     """
 
     def __init__(self, in_channels, out_channels, kernel_size, stride=1, padding=0, dilation=1,
-                 groups=1, deform_groups=1, bias=True):
+                 groups=1, deform_groups=1, bias=True, *, deformable_groups=None):
         super().__init__(in_channels, out_channels, kernel_size, stride, padding, dilation,
-                         groups, deform_groups, bias)
+                         groups, deform_groups, bias, deformable_groups=deformable_groups)
         stdv = 1.0 / math.sqrt(in_channels * self.kernel_size[0] * self.kernel_size[1])
         nn.init.uniform_(self.weight, -stdv, stdv)
         if self.bias is not None:
