@@ -722,9 +722,9 @@ class _MMCVDeformConv2d(nn.Module):
                          groups, bias)
         if deformable_groups is not None:  # mmcv's older name, accepted where mmcv accepts it
             if deform_groups not in (1, deformable_groups):
-                raise ValueError(f"deformable_groups is mmcv's older name for deform_groups: give "
-                                 f"one, got deform_groups={deform_groups!r} and "
-                                 f"deformable_groups={deformable_groups!r}")
+                raise _validation.ArgumentError(
+                    f"deformable_groups is mmcv's older name for deform_groups: give one, got "
+                    f"deform_groups={deform_groups!r} and deformable_groups={deformable_groups!r}")
             deform_groups = deformable_groups
         self.deform_groups = deform_groups
         # nn.Conv2d compatibility, as mmcv

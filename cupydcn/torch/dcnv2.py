@@ -35,6 +35,7 @@ Same numbers as DCNv2 (docs/semantics.md §2, §4). Where cupydcn differs:
 import torch
 from torch import nn
 
+from cupydcn import _validation
 from cupydcn.torch import DeformPSRoIPool, deform_psroi_pool
 from cupydcn.torch.mmcv import ModulatedDeformConv2d, _grouped_conv
 
@@ -151,7 +152,8 @@ class DCNv2Pooling(DeformPSRoIPool):
 
     def forward(self, input, rois, offset=None):
         if not self.no_trans and offset is None:
-            raise ValueError("offset (the trans) is required when no_trans is False")
+            raise _validation.ArgumentError(
+                "offset (the trans) is required when no_trans is False")
         return dcn_v2_pooling(input, rois, offset, self.spatial_scale, self.pooled_size,
                               self.output_dim, self.no_trans, self.group_size, self.part_size,
                               self.sample_per_part, self.trans_std)
@@ -177,9 +179,10 @@ class DCNPooling(DCNv2Pooling):
         self.deform_fc_dim = deform_fc_dim
         if not no_trans:
             if self.part_size != pooled_size:
-                raise ValueError(f"part_size must be pooled_size = {pooled_size} when no_trans is "
-                                 f"False (offset_mask_fc predicts a pooled_size x pooled_size "
-                                 f"trans), got {part_size!r}")
+                raise _validation.ArgumentError(
+                    f"part_size must be pooled_size = {pooled_size} when no_trans is False "
+                    f"(offset_mask_fc predicts a pooled_size x pooled_size trans), "
+                    f"got {part_size!r}")
             self.offset_mask_fc = nn.Sequential(
                 nn.Linear(pooled_size * pooled_size * output_dim, deform_fc_dim),
                 nn.ReLU(inplace=True),

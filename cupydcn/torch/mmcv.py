@@ -90,13 +90,14 @@ def _check_groups(input, offset, weight, groups, deform_groups, deform_name="def
         return
     C, Cg = input.shape[1], weight.shape[1]
     if Cg > 0 and C % Cg == 0 and C // Cg != groups:
-        raise ValueError(f"groups must be input.shape[1] / weight.shape[1] = {C} / {Cg} = "
-                         f"{C // Cg}, got {groups}")
+        raise _validation.ArgumentError(f"groups must be input.shape[1] / weight.shape[1] = "
+                                        f"{C} / {Cg} = {C // Cg}, got {groups}")
     per_group = 2 * weight.shape[2] * weight.shape[3]
     channels = offset.shape[1]
     if per_group > 0 and channels % per_group == 0 and channels // per_group != deform_groups:
-        raise ValueError(f"{deform_name} must be offset.shape[1] / (2*kh*kw) = {channels} / "
-                         f"{per_group} = {channels // per_group}, got {deform_groups}")
+        raise _validation.ArgumentError(f"{deform_name} must be offset.shape[1] / (2*kh*kw) = "
+                                        f"{channels} / {per_group} = {channels // per_group}, "
+                                        f"got {deform_groups}")
 
 
 def _grouped_conv(input, offset, mask, weight, bias, stride, padding, dilation, groups,
@@ -134,8 +135,8 @@ def deform_conv2d(input, offset, weight, stride=1, padding=0, dilation=1, groups
         (B, Cout, Ho, Wo) tensor, differentiable in input, offset and weight.
     """
     if bias is not False:
-        raise ValueError(f"bias must be False (mmcv's deform_conv2d takes no bias; "
-                         f"cupydcn.torch.deform_conv2d does), got {bias!r}")
+        raise _validation.ArgumentError(f"bias must be False (mmcv's deform_conv2d takes no "
+                                        f"bias; cupydcn.torch.deform_conv2d does), got {bias!r}")
     _check_im2col_step(im2col_step)
     return _grouped_conv(input, offset, None, weight, None, stride, padding, dilation, groups,
                          deform_groups)
