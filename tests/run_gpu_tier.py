@@ -6,8 +6,8 @@ Runs every test marked ``gpu`` (``pytest -m gpu -v -s`` with ``PYTHONUNBUFFERED=
 so the log names the test that was running if the run is cut short), with the
 measured relative errors logged to a JSON-lines file. ``--per-test`` (default
 150 s) becomes pytest-timeout's ``--timeout`` where that plugin is importable;
-``--budget`` bounds the whole run: past it pytest's process group is killed
-and the tier fails. Then prints the tier's result line (``gpu tier: PASS|FAIL|TIMEOUT
+``--budget`` bounds the whole run: past it pytest is interrupted (it still
+reports what ran), then killed, and the tier fails. Then prints the tier's result line (``gpu tier: PASS|FAIL|TIMEOUT
 ...``, the counts from the JUnit XML), the skip reasons, and the worst relative
 error per dtype and op against the dtype's tolerance.
 
@@ -42,8 +42,10 @@ def pytest_command(junit, per_test, extra):
     return [*command, *extra]
 
 
-def run_pytest(command, log_path, env, budget):
-    """pytest's exit status, or 124 when ``budget`` seconds passed first."""
+def run_pytest(command, log_path, env, budget, grace=10):
+    """pytest's exit status, or 124 when ``budget`` seconds passed first: then
+    pytest is interrupted (SIGINT: it stops, reports and writes its JUnit XML),
+    and ``grace`` seconds later its process group is killed."""
     with open(log_path, "w") as log:
         log.write(f"$ {' '.join(command)}\n")
         log.flush()
@@ -53,9 +55,13 @@ def run_pytest(command, log_path, env, budget):
         try:
             return process.wait(timeout=budget)
         except subprocess.TimeoutExpired:
-            os.killpg(process.pid, signal.SIGKILL)
-            process.wait()
-            log.write(f"\n[run_gpu_tier] budget of {budget} s spent: pytest killed\n")
+            os.killpg(process.pid, signal.SIGINT)
+            try:
+                process.wait(timeout=grace)
+            except subprocess.TimeoutExpired:
+                os.killpg(process.pid, signal.SIGKILL)
+                process.wait()
+            log.write(f"\n[run_gpu_tier] budget of {budget} s spent: pytest stopped\n")
             return 124
 
 
@@ -119,7 +125,7 @@ def main(argv):
     print(f"gpu tier: {verdict} (pytest exit {status}): {numbers} in {seconds:.0f} s"
           f"{timeout_note}; log {log_path}")
     if status == 124:
-        print(f"  killed after the {options.budget:.0f} s budget while running: "
+        print(f"  stopped after the {options.budget:.0f} s budget while running: "
               f"{last_test_started(log_path) or 'unknown'}")
     for reason, count in reasons.most_common(8):
         print(f"  skipped {count} x: {reason}")
