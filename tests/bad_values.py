@@ -9,8 +9,9 @@ bypassed so that the kernels' own guards are what is tested); the backwards of
 the RoI ops also run in both modes. With ``host`` the
 kernels are built for the CPU with AddressSanitizer (test_robustness.py runs
 this under libasan); with ``cupy`` they run on the GPU, under
-``compute-sanitizer --tool memcheck`` in the GPU tier. ``mutated`` plants an
-out-of-bounds write, to show the checker catches one. Prints "clean" at the end.
+``compute-sanitizer --tool memcheck`` in the GPU tier, with CuPy's memory pool
+off. ``mutated`` plants an out-of-bounds write (one element past the columns
+buffer), to show the checker catches one. Prints "clean" at the end.
 """
 
 import sys
@@ -79,6 +80,8 @@ def run(backend, rng):
 
 
 def main(argv):
+    if argv[:1] not in (["host"], ["cupy"]) or argv[1:] not in ([], ["mutated"]):
+        raise SystemExit(f"usage: python tests/bad_values.py host|cupy [mutated], got {argv}")
     where, mutated = argv[0], argv[1:] == ["mutated"]
     sources = {}
     if mutated:  # one element past the columns buffer
@@ -89,9 +92,17 @@ def main(argv):
         backend = _kernels.HostBackend(sources=sources,
                                        flags=("-fsanitize=address", "-fno-omit-frame-pointer"))
     else:
-        backend = _kernels.cupy_backend()
-        if mutated:
-            raise SystemExit("the mutated run is for the host build")
+        import cupy
+
+        # CuPy's pool rounds every allocation up (to 512 bytes) and carves arrays out of
+        # larger blocks, so a write a few elements past an array lands in memory the pool
+        # owns and memcheck stays silent. Without the pool each array is its own cudaMalloc,
+        # whose exact size memcheck knows.
+        cupy.cuda.set_allocator(None)
+        if sources:  # the CuPy backend compiles what the loader gives it
+            original = _kernels.source
+            _kernels.source = lambda file: sources.get(file) or original(file)
+        backend = _kernels.CupyBackend()
     run(backend, numpy.random.default_rng(0))
     print("clean")
 

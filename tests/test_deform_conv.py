@@ -414,7 +414,12 @@ def test_gpu_non_contiguous_and_stream(gpu):
     ref_out, _ = reference_results(exact, params)
     on_gpu = {k: None if v is None else cupy.asfortranarray(cupy.asarray(v))
               for k, v in typed.items()}
+    # The inputs were written on the null stream, which a non-blocking stream does not
+    # wait for: order them explicitly, as a caller handing arrays between streams must.
+    ready = cupy.cuda.Event()
+    ready.record()
     stream = cupy.cuda.Stream(non_blocking=True)
+    stream.wait_event(ready)
     with stream:
         out = cupydcn.deform_conv2d(on_gpu["input"], on_gpu["offset"], on_gpu["weight"],
                                     on_gpu["bias"], mask=on_gpu["mask"], **params)
