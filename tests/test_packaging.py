@@ -48,7 +48,8 @@ def test_installed_package_loads_its_kernels(wheel, tmp_path):
 
 
 def test_import_needs_no_gpu_and_no_framework():
-    script = ("import sys, cupydcn; bad = [m for m in ('cupy', 'torch', 'tensorflow', 'keras')"
+    script = ("import sys, cupydcn; bad = [m for m in ('cupy', 'torch', 'tensorflow', 'keras', 'jax',"
+              " 'onnx', 'onnxruntime')"
               " if m in sys.modules]; assert not bad, bad")
     result = subprocess.run([sys.executable, "-c", script], cwd=ROOT, capture_output=True,
                             text=True)
