@@ -230,12 +230,13 @@ def _conv_op(stride, padding, dilation):
     def data_grads(grad_output, input, offset, weight, mask):
         grads = _deform_conv.deform_conv2d_backward(
             grad_output, input, offset, weight, None, mask=mask,
-            wrt=("input", "offset", "mask"), **params)
+            wrt=("input", "offset") + (("mask",) if mask is not None else ()), **params)
         return tuple(g for g in (grads.input, grads.offset, grads.mask) if g is not None)
 
     def parameter_grads(grad_output, input, offset, weight, bias, mask):
         grads = _deform_conv.deform_conv2d_backward(
-            grad_output, input, offset, weight, bias, mask=mask, wrt=("weight", "bias"), **params)
+            grad_output, input, offset, weight, bias, mask=mask,
+            wrt=("weight",) + (("bias",) if bias is not None else ()), **params)
         return tuple(g for g in (grads.weight, grads.bias) if g is not None)
 
     forward_call = _Callback(forward, (4, 4, 4, 1, 4), per_sample=(0, 1, 4))

@@ -43,6 +43,16 @@ def assert_same(got, expected, what):
     numpy.testing.assert_array_equal(got.astype(F64), numpy.asarray(expected, F64), err_msg=what)
 
 
+def assert_matches(got, expected, what):
+    """Equal within the dtype's tolerance: a vmapped call folded into one batch
+    runs other GEMM sizes than the per-element core calls it is compared with
+    (the host backend's rounding may differ in the last bit)."""
+    got = numpy.asarray(got)
+    assert got.shape == expected.shape, (what, got.shape, expected.shape)
+    assert got.dtype == expected.dtype, (what, got.dtype, expected.dtype)
+    assert_close(got, numpy.asarray(expected), got.dtype, what)
+
+
 def run(function, arrays, cotangent, mode):
     """(output, gradients) of ``function(**arrays)`` for the cotangent, by
     ``jax.vjp``, eagerly or under ``jit``; None arrays stay None."""
@@ -150,10 +160,10 @@ def test_grad_of_part_runs_only_that_half_of_the_backward(monkeypatch):
         return dcn.deform_conv2d(x, arrays["offset"], w, padding=1).sum()
 
     jax.jit(jax.grad(loss, argnums=0))(arrays["input"], arrays["weight"]).block_until_ready()
-    assert calls == [("input", "mask", "offset")]
+    assert calls == [("input", "offset")]  # no mask given: no mask gradient asked
     calls.clear()
     jax.jit(jax.grad(loss, argnums=1))(arrays["input"], arrays["weight"]).block_until_ready()
-    assert calls == [("bias", "weight")]
+    assert calls == [("weight",)]  # no bias given
 
 
 def test_inputs_cross_without_a_copy_under_jit(monkeypatch):
@@ -213,8 +223,8 @@ def test_vmap_folds_into_the_batch(monkeypatch):
     out = jax.jit(jax.vmap(conv))(s["input"], s["offset"], s["mask"])
     assert forward == [3 * 2]
     for v, (arrays, _, _) in enumerate(cases):
-        assert_same(out[v], cupydcn.deform_conv2d(arrays["input"], arrays["offset"], weight, bias,
-                                                  mask=arrays["mask"], **params), f"[{v}]")
+        assert_matches(out[v], cupydcn.deform_conv2d(arrays["input"], arrays["offset"], weight,
+                                                     bias, mask=arrays["mask"], **params), f"[{v}]")
     nested = jax.vmap(jax.vmap(conv))(*(s[n].reshape(1, 3, *s[n].shape[1:])
                                         for n in ("input", "offset", "mask")))
     assert forward[1:] == [3 * 2]
@@ -226,7 +236,7 @@ def test_vmap_folds_into_the_batch(monkeypatch):
         g = cupydcn.deform_conv2d_backward(numpy.ones((2, 6, 7, 6), numpy.float32),
                                            arrays["input"], arrays["offset"], weight, bias,
                                            mask=arrays["mask"], **params)
-        assert_same(grad_input[v], g.input, f"grad[{v}]")
+        assert_matches(grad_input[v], g.input, f"grad[{v}]")
 
 
 def test_vmap_runs_per_element_where_it_cannot_fold(monkeypatch):
@@ -286,12 +296,12 @@ def test_vmap_of_vjp_in_every_dtype(dtype):
             numpy.stack([c[1] for c in cases]))
     for v, (arrays, cotangent, _) in enumerate(cases):
         args = (arrays["input"], arrays["offset"], weight, bias)
-        assert_same(out[v], cupydcn.deform_conv2d(*args, mask=arrays["mask"], **params),
-                    f"forward[{v}]")
+        assert_matches(out[v], cupydcn.deform_conv2d(*args, mask=arrays["mask"], **params),
+                       f"forward[{v}]")
         expected = cupydcn.deform_conv2d_backward(cotangent, *args, mask=arrays["mask"],
                                                   **params)
         for name, grad in zip(CONV_NAMES, grads):
-            assert_same(grad[v], getattr(expected, name), f"{name}[{v}]")
+            assert_matches(grad[v], getattr(expected, name), f"{name}[{v}]")
 
 
 # --------------------------------------------------------------------------
