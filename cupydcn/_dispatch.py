@@ -193,8 +193,11 @@ def _why_not(implementation, where, geo, deterministic):
                   NUMPY: "the CPU (NumPy)"}
         return (f"it runs on {' or '.join(places[w] for w in sorted(implementation.runs_on))}, "
                 f"not on {places[where]}")
-    if not _available(implementation):
-        return "it is not available in this installation"
+    if where == HOST and _compiler() is None:
+        return (f"the host build of its kernels needs a C++ compiler; "
+                f"{_kernels.HostBackend().compiler!r} was not found")
+    if where == CUDA and not _cupy_importable():
+        return "it needs CuPy, which is not installed"
     if implementation.dtypes is not None and geo.dtype.name not in implementation.dtypes:
         return f"it does not support {geo.dtype.name}"
     if deterministic and not implementation.deterministic:

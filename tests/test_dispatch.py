@@ -137,3 +137,14 @@ def test_specs_match_the_public_functions(spec):
             assert p.default == arg.default, p.name
     assert tuple(spec.grads_type._fields) == spec.gradients
     assert set(spec.gradients) <= set(spec.arrays)
+
+
+def test_kernel_algorithm_without_a_compiler_says_why(cpu_backend, monkeypatch):
+    """A kernel implementation named for NumPy arrays where no C++ compiler is
+    found: a clear ArgumentError, not the loader's failure."""
+    monkeypatch.setattr(_dispatch, "_compiler", lambda: None)
+    x, offset, w, _ = _conv_args(numpy.random.default_rng(4))
+    with pytest.raises(ValueError, match=r"algorithm 'im2col' cannot run this deform_conv2d "
+                                         r"call: the host build of its kernels needs a C\+\+ "
+                                         r"compiler"):
+        cupydcn.deform_conv2d(x, offset, w, padding=1, algorithm="im2col")
