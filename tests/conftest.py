@@ -41,8 +41,10 @@ def pytest_collection_modifyitems(config, items):
 
 @pytest.fixture(scope="session")
 def host():
-    """The kernels compiled for the CPU (kernels/host_shim.h), run serially."""
-    return _kernels.HostBackend(grid=3, block=5)
+    """The kernels compiled for the CPU (kernels/host_runtime.h) with the checks
+    on: blocks in parallel on two workers, threads and blocks in a seeded
+    varied order. A small grid and an odd block exercise the grid-stride loops."""
+    return _kernels.HostBackend(grid=3, block=5, checks=True, workers=2, seed=12)
 
 
 @pytest.fixture(scope="session")
