@@ -797,13 +797,13 @@ static T dcn_host_shfl(const char* what, unsigned int mask, T value, int param, 
 }
 
 #define __shfl_sync(mask, v, src, ...) \
-  dcn_host_shfl_fn<0>("__shfl_sync", mask, v, src, __FILE__, __LINE__, ##__VA_ARGS__)
+  dcn_host_shfl_fn<0>("__shfl_sync", mask, v, src, __FILE__, __LINE__ __VA_OPT__(,) __VA_ARGS__)
 #define __shfl_up_sync(mask, v, d, ...) \
-  dcn_host_shfl_fn<1>("__shfl_up_sync", mask, v, d, __FILE__, __LINE__, ##__VA_ARGS__)
+  dcn_host_shfl_fn<1>("__shfl_up_sync", mask, v, d, __FILE__, __LINE__ __VA_OPT__(,) __VA_ARGS__)
 #define __shfl_down_sync(mask, v, d, ...) \
-  dcn_host_shfl_fn<2>("__shfl_down_sync", mask, v, d, __FILE__, __LINE__, ##__VA_ARGS__)
+  dcn_host_shfl_fn<2>("__shfl_down_sync", mask, v, d, __FILE__, __LINE__ __VA_OPT__(,) __VA_ARGS__)
 #define __shfl_xor_sync(mask, v, m, ...) \
-  dcn_host_shfl_fn<3>("__shfl_xor_sync", mask, v, m, __FILE__, __LINE__, ##__VA_ARGS__)
+  dcn_host_shfl_fn<3>("__shfl_xor_sync", mask, v, m, __FILE__, __LINE__ __VA_OPT__(,) __VA_ARGS__)
 
 template <int Mode, typename T>
 static T dcn_host_shfl_fn(const char* what, unsigned int mask, T value, int param,
@@ -823,7 +823,7 @@ static unsigned int dcn_host_vote(const char* what, unsigned int mask, int predi
 #define __syncthreads_count(p) dcn_host_syncthreads(2, (p), __FILE__, __LINE__)
 #define __syncthreads_and(p) dcn_host_syncthreads(3, (p), __FILE__, __LINE__)
 #define __syncthreads_or(p) dcn_host_syncthreads(4, (p), __FILE__, __LINE__)
-#define __syncwarp(...) dcn_host_syncwarp(__FILE__, __LINE__, ##__VA_ARGS__)
+#define __syncwarp(...) dcn_host_syncwarp(__FILE__, __LINE__ __VA_OPT__(,) __VA_ARGS__)
 #define __ballot_sync(mask, p) dcn_host_vote("__ballot_sync", (mask), (p), __FILE__, __LINE__)
 #define __any_sync(mask, p) \
   (dcn_host_vote("__any_sync", (mask), (p), __FILE__, __LINE__) != 0u)
