@@ -251,6 +251,18 @@ class _HostConfig(ctypes.Structure):
                 ("cooperative", ctypes.c_int)]
 
 
+def _cpu_description():
+    """What -march=native depends on: the CPU model and its feature flags."""
+    try:
+        with open("/proc/cpuinfo") as info:
+            lines = [line for line in info if line.startswith(("model name", "flags"))][:2]
+    except OSError:
+        lines = []
+    import platform
+
+    return platform.machine() + "".join(lines)
+
+
 def _env_flag(name):
     value = os.environ.get(name, "")
     if value not in ("", "0", "1"):
@@ -286,7 +298,11 @@ class HostBackend:
 
     name = "host"
     xp = numpy
-    FLAGS = ("-std=c++17", "-O2", "-shared", "-fPIC", "-fno-strict-aliasing", "-pthread")
+    # -march=native: the library is built on, and cached for, the machine that
+    # runs it (the cache key holds the CPU's description). ISO C++ mode keeps
+    # floating-point contraction off, so no FMA changes a rounding.
+    FLAGS = ("-std=c++17", "-O3", "-march=native", "-shared", "-fPIC", "-fno-strict-aliasing",
+             "-pthread")
 
     def __init__(self, grid=None, block=BLOCK, compiler=None, sources=None, flags=(), checks=None,
                  workers=None, seed=0):
@@ -304,6 +320,7 @@ class HostBackend:
         self.seed = int(seed)
         self._launches = 0
         self._libraries = {}
+        self._cooperative = {}
         self._lock = threading.Lock()
 
     def _text(self, file):
@@ -340,7 +357,7 @@ class HostBackend:
     def _compile(self, text, file):
         if shutil.which(self.compiler) is None:
             raise RuntimeError(f"the host build needs a C++ compiler; {self.compiler!r} not found")
-        key = text + repr((self.compiler, self.flags))
+        key = text + repr((self.compiler, self.flags, _cpu_description()))
         digest = hashlib.sha256(key.encode()).hexdigest()[:20]
         default = pathlib.Path.home() / ".cache" / "cupydcn"
         cache = pathlib.Path(os.environ.get("CUPYDCN_CACHE_DIR") or default)
@@ -409,7 +426,11 @@ class HostBackend:
 
     def cooperative(self, file):
         """True if the host build runs ``file``'s threads as fibers."""
-        return cooperative(file, self._text(file))
+        key = _file_name(file)
+        found = self._cooperative.get(key)
+        if found is None:
+            found = self._cooperative[key] = cooperative(file, self._text(file))
+        return found
 
 
 class NoWorkBackend:

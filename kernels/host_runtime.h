@@ -140,6 +140,7 @@ struct dcn_host_launch_state {
   std::string error;
   std::atomic<unsigned long long> next_block{0};
   std::vector<unsigned long long> order;  // block visiting order
+  unsigned long long workers;
 };
 
 struct dcn_host_block {
@@ -162,6 +163,9 @@ struct dcn_host_block {
 };
 
 static thread_local dcn_host_block* dcn_host_cur = nullptr;
+// False while a launch runs on one OS thread: global atomics are then plain
+// read-modify-writes (nothing else runs), which keeps the serial path fast.
+static thread_local bool dcn_host_atomic = true;
 
 static unsigned long long dcn_host_next_random(unsigned long long* state) {
   unsigned long long z = (*state += 0x9E3779B97F4A7C15ull);  // splitmix64
@@ -606,6 +610,7 @@ static void dcn_host_worker(dcn_host_launch_state* launch, Kernel kernel, unsign
   block.rng = cfg->seed * 0x2545F4914F6CDD1Dull + index + 1;
   block.failed = false;
   dcn_host_cur = &block;
+  dcn_host_atomic = launch->workers > 1;
   const unsigned long long total = launch->order.size();
   try {
     for (;;) {
@@ -651,6 +656,7 @@ static int dcn_host_execute(const char* name, const dcn_host_config* cfg, Kernel
   }
   unsigned long long workers = cfg->workers > 0 ? (unsigned long long)cfg->workers : 1;
   if (workers > nblocks) workers = nblocks;
+  launch.workers = workers;
   if (workers == 1) {
     dcn_host_worker(&launch, kernel, 0);
   } else {
@@ -876,8 +882,14 @@ static double dcn_host_atomic_add_bits(double* address, double value) {
   return f;
 }
 
-static inline float atomicAdd(float* a, float v) { return dcn_host_atomic_add_bits(a, v); }
-static inline double atomicAdd(double* a, double v) { return dcn_host_atomic_add_bits(a, v); }
+static inline float atomicAdd(float* a, float v) {
+  if (!dcn_host_atomic) { const float old = *a; *a = old + v; return old; }
+  return dcn_host_atomic_add_bits(a, v);
+}
+static inline double atomicAdd(double* a, double v) {
+  if (!dcn_host_atomic) { const double old = *a; *a = old + v; return old; }
+  return dcn_host_atomic_add_bits(a, v);
+}
 static inline int atomicAdd(int* a, int v) { return dcn_host_atomic_add(a, v); }
 static inline unsigned int atomicAdd(unsigned int* a, unsigned int v) {
   return dcn_host_atomic_add(a, v);
