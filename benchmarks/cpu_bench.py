@@ -56,14 +56,18 @@ def make_case(input_shape, weight_shape, seed=0):
     return dict(input=x, weight=w, bias=b, offset=offset, mask=mask, grad=grad)
 
 
-def median_time(function, repeat):
-    function()  # warm-up (and the host build, the first time)
-    times = []
+def median_times(functions, repeat):
+    """Median wall time of each function, the runs interleaved (A B A B ...) so
+    that a change in the machine's load falls on all of them alike."""
+    for function in functions:
+        function()  # warm-up (and the host build, the first time)
+    times = [[] for _ in functions]
     for _ in range(repeat):
-        start = time.perf_counter()
-        function()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
+        for function, spent in zip(functions, times):
+            start = time.perf_counter()
+            function()
+            spent.append(time.perf_counter() - start)
+    return [statistics.median(t) for t in times]
 
 
 def rel_err(got, ref):
@@ -156,7 +160,8 @@ def main(argv=None):
         tv = f"torchvision not importable: {error}"
     print(f"machine: {platform.processor() or platform.machine()}, "
           f"{len(os.sched_getaffinity(0))} cores; python {platform.python_version()}, "
-          f"numpy {numpy.__version__}; {tv}; host workers {impls[0].backend.workers}")
+          f"numpy {numpy.__version__}; {tv}; host workers {impls[0].backend.workers}; "
+          f"load average {os.getloadavg()[0]:.1f}")
 
     results = []
     for input_shape, weight_shape in CASES:
@@ -175,11 +180,11 @@ def main(argv=None):
             err = (rel_err(impl.forward(c), ref_out), _grads_error(grads, ref_grads))
             if max(err) > 1e-4:
                 raise SystemExit(f"{impl.name} disagrees with the reference: {err}")
-            row[impl.name] = {
-                "forward": median_time(lambda: impl.forward(c), args.repeat),
-                "forward_backward": median_time(lambda: impl.forward_backward(c), args.repeat),
-                "error": max(err),
-            }
+            row[impl.name] = {"error": max(err)}
+        for phase in ("forward", "forward_backward"):
+            functions = [lambda impl=impl: getattr(impl, phase)(c) for impl in impls]
+            for impl, median in zip(impls, median_times(functions, args.repeat)):
+                row[impl.name][phase] = median
         results.append(row)
 
     print(f"\nfloat32 DCNv2 (mask, bias), padding 1; median of {args.repeat} runs, ms")
@@ -195,6 +200,7 @@ def main(argv=None):
             print(f"{str(row['input']):>18} {str(row['weight']):>16} "
                   f"{'fwd' if phase == 'forward' else 'fwd+bwd':>9} {host:9.1f} {tv_text} "
                   f"{row['numpy'][phase] * 1e3:9.1f} {ratio}")
+    print(f"load average at the end {os.getloadavg()[0]:.1f}")
     if args.json:
         with open(args.json, "w") as f:
             json.dump(results, f, indent=1)

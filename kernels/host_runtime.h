@@ -141,6 +141,7 @@ struct dcn_host_launch_state {
   std::atomic<unsigned long long> next_block{0};
   std::vector<unsigned long long> order;  // block visiting order
   unsigned long long workers;
+  unsigned long long chunk;  // blocks a worker takes at a time: neighbours stay on one core
 };
 
 struct dcn_host_block {
@@ -611,13 +612,15 @@ static void dcn_host_worker(dcn_host_launch_state* launch, Kernel kernel, unsign
   block.failed = false;
   dcn_host_cur = &block;
   dcn_host_atomic = launch->workers > 1;
-  const unsigned long long total = launch->order.size();
+  const unsigned long long total = launch->order.size(), chunk = launch->chunk;
   try {
     for (;;) {
       if (launch->failed.load(std::memory_order_relaxed)) break;
-      const unsigned long long k = launch->next_block.fetch_add(1);
-      if (k >= total) break;
-      dcn_host_run_block(&block, launch->order[k], kernel);
+      const unsigned long long first = launch->next_block.fetch_add(chunk);
+      if (first >= total) break;
+      const unsigned long long last = first + chunk < total ? first + chunk : total;
+      for (unsigned long long k = first; k < last && !block.failed; ++k)
+        dcn_host_run_block(&block, launch->order[k], kernel);
       if (block.failed) break;
     }
   } catch (const dcn_host_abort&) {
@@ -657,6 +660,7 @@ static int dcn_host_execute(const char* name, const dcn_host_config* cfg, Kernel
   unsigned long long workers = cfg->workers > 0 ? (unsigned long long)cfg->workers : 1;
   if (workers > nblocks) workers = nblocks;
   launch.workers = workers;
+  launch.chunk = cfg->vary ? 1 : (nblocks + 16 * workers - 1) / (16 * workers);
   if (workers == 1) {
     dcn_host_worker(&launch, kernel, 0);
   } else {

@@ -25,7 +25,7 @@ F32 = _dtypes.DTYPES[numpy.dtype(numpy.float32)]
 
 
 def _expressions():
-    plain = ("indices", "reverse_dynamic", "read_unwritten", "barrier_votes", "divergent_barrier",
+    plain = ("indices", "last_writer", "reverse_dynamic", "read_unwritten", "barrier_votes", "divergent_barrier",
              "split_barrier", "histogram", "shuffles", "half_warp", "bad_mask", "exited_lane",
              "to_tf32")
     names = [f"{k}<float, int>" for k in plain]
@@ -80,6 +80,41 @@ def test_bad_launch_configurations_are_refused(host):
         run(host, "indices", [numpy.zeros(1, numpy.int32)], grid=(0,))
     with pytest.raises(KeyError, match=r"indices<float, int, 3> is not built"):
         run(host, "indices", [numpy.zeros(1, numpy.int32)], template=(3,))
+
+
+def test_the_old_launch_form_is_a_grid_stride_launch_of_256_threads():
+    assert _kernels.launch_config(1000) == ((4, 1, 1), (256, 1, 1), 0)
+    assert _kernels.launch_config(10**9) == ((_kernels.MAX_GRID, 1, 1), (256, 1, 1), 0)
+    assert _kernels.launch_config(1, grid=(2, 3), block=8, shared=64) == ((2, 3, 1), (8, 1, 1), 64)
+    with pytest.raises(ValueError, match=r"shared must be a non-negative number of bytes, got -1"):
+        _kernels.launch_config(1, shared=-1)
+
+
+@pytest.mark.parametrize("cooperative", [False, True])
+def test_scheduling_varies_with_the_seed_under_checks(cooperative):
+    """A kernel whose result depends on the order threads run in gives
+    different results from launch to launch with checks on, one result without."""
+    def finals(backend):
+        results = set()
+        for _ in range(12):
+            out = numpy.full(1, -1, numpy.int32)
+            run(backend, "last_writer", [out], grid=(4,), block=(8,), cooperative=cooperative)
+            results.add(int(out[0]))
+        return results
+
+    assert len(finals(_kernels.HostBackend(checks=True, workers=1, seed=0))) > 1
+    assert finals(_kernels.HostBackend(checks=False, workers=1)) == {31}
+
+
+def test_checks_are_one_setting_read_from_the_environment(monkeypatch):
+    monkeypatch.setenv("CUPYDCN_HOST_CHECKS", "1")
+    assert _kernels.HostBackend().checks
+    monkeypatch.setenv("CUPYDCN_HOST_CHECKS", "0")
+    assert not _kernels.HostBackend().checks
+    assert _kernels.HostBackend(checks=True).checks
+    monkeypatch.setenv("CUPYDCN_HOST_CHECKS", "yes")
+    with pytest.raises(ValueError, match=r"\$CUPYDCN_HOST_CHECKS must be 0 or 1, got 'yes'"):
+        _kernels.HostBackend()
 
 
 # ---------------------------------------------------------------- shared memory and barriers

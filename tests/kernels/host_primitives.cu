@@ -19,6 +19,13 @@ __global__ void indices(int* out) {
   o[9] = gridDim.x; o[10] = gridDim.y; o[11] = gridDim.z;
 }
 
+// Every thread stores its global rank in out[0]: the last one to run wins, so
+// the result shows the order in which threads and blocks ran.
+template <typename T, typename I>
+__global__ void last_writer(int* out) {
+  out[0] = (int)(blockIdx.x * blockDim.x + threadIdx.x);
+}
+
 // out = in reversed within each block of 128, through static shared memory.
 template <typename T, typename I, bool Sync>
 __global__ void reverse(const float* in, float* out) {
