@@ -284,9 +284,12 @@ class HostBackend:
 
     ``checks`` (default ``$CUPYDCN_HOST_CHECKS`` = 1, else off) is the one
     setting of the test tier: shared-memory race detection, bounds and mask
-    checks, and seeded varied scheduling of blocks and threads (launch k of a
-    backend uses seed ``seed + k``; an error names it). Off, the same kernels
-    run in a fixed order without recording accesses: the fast CPU path.
+    checks, and scheduling of blocks and threads in an order drawn from
+    ``seed`` (default ``$CUPYDCN_HOST_SEED``, else 0; an error names it). The
+    same launch with the same seed runs in the same order, so that a result
+    can be reproduced; with more than one worker, real atomics still add in
+    the order the cores reach them. Off, the same kernels run in a fixed order
+    without recording accesses: the fast CPU path.
 
     ``grid`` and ``block`` are the default 1-D launch of a grid-stride kernel
     over n items: ``block`` threads, and ``grid`` blocks at most (None: as many
@@ -305,7 +308,7 @@ class HostBackend:
              "-pthread")
 
     def __init__(self, grid=None, block=BLOCK, compiler=None, sources=None, flags=(), checks=None,
-                 workers=None, seed=0):
+                 workers=None, seed=None):
         self.grid, self.block = grid, block
         self.flags = (*self.FLAGS, *flags)
         self.sources = dict(sources or {})
@@ -317,8 +320,12 @@ class HostBackend:
         if not isinstance(workers, int) or isinstance(workers, bool) or workers < 1:
             raise ValueError(f"workers must be a positive int, got {workers!r}")
         self.workers = workers
-        self.seed = int(seed)
-        self._launches = 0
+        if seed is None:
+            seed = os.environ.get("CUPYDCN_HOST_SEED") or 0
+        try:
+            self.seed = int(seed)
+        except ValueError:
+            raise ValueError(f"seed ($CUPYDCN_HOST_SEED) must be an int, got {seed!r}") from None
         self._libraries = {}
         self._cooperative = {}
         self._lock = threading.Lock()
@@ -412,9 +419,7 @@ class HostBackend:
                 values.append(acc_ctype(float(arg)))
         pointers = [ctypes.cast(ctypes.pointer(v), ctypes.c_void_p) for v in values]
         argv = (ctypes.c_void_p * len(values))(*pointers)
-        with self._lock:
-            seed = self.seed + self._launches
-            self._launches += 1
+        seed = self.seed
         if cooperative is None:
             cooperative = self.cooperative(file)
         config = _HostConfig((ctypes.c_uint * 3)(*grid), (ctypes.c_uint * 3)(*block), shared, seed,
