@@ -132,7 +132,8 @@ def all_expressions(file):
 
 def _body(file, text):
     """The kernel file's own text inside a full source ``text`` (after common.cuh)."""
-    mark = text.rfind(f'#line 1 "{pathlib.Path(file.path).name if isinstance(file, KernelFile) else file + ".cu"}"')
+    name = pathlib.Path(file.path).name if isinstance(file, KernelFile) else f"{file}.cu"
+    mark = text.rfind(f'#line 1 "{name}"')
     return text if mark < 0 else text[mark:]
 
 
@@ -268,6 +269,11 @@ def _env_flag(name):
     if value not in ("", "0", "1"):
         raise ValueError(f"${name} must be 0 or 1, got {value!r}")
     return value == "1"
+
+
+# The host backend of the users' CPU path: checks off (a fixed order, no
+# recording), blocks on every core, grid-stride launches of BLOCK threads.
+HOST_USER_OPTIONS = {"checks": False}
 
 
 class HostBackend:
