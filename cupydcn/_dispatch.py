@@ -177,8 +177,7 @@ def host_backend():
     if _host is None:
         with _cpu_lock:
             if _host is None:
-                _host = _kernels.HostBackend(**_kernels.HOST_USER_OPTIONS) \
-                    if hasattr(_kernels, "HOST_USER_OPTIONS") else _kernels.HostBackend()
+                _host = _kernels.HostBackend(**_kernels.HOST_USER_OPTIONS)
     return _host
 
 

@@ -8,13 +8,18 @@ never per shape, with all its kernels as NVRTC name expressions.
 
 Launch ABI, owned by :func:`pack`: a Python ``int`` becomes the index type
 ``I``, a Python ``float`` the accumulation type of ``T``, an array a pointer to
-its data (it must be C-contiguous) and ``None`` a null pointer. Kernels are
-grid-stride loops over ``n`` work items, so any grid is correct.
+its data (it must be C-contiguous) and ``None`` a null pointer. The op kernels
+are grid-stride loops over ``n`` work items, so any grid is correct; a launch
+may instead give its configuration (``grid`` and ``block`` as dim3 tuples,
+``shared`` dynamic shared-memory bytes) and extra template arguments
+(``template``: ``kernel<T, I, *template>``).
 
 Two backends run the same source: :class:`CupyBackend` (NVRTC through
 ``cupy.RawModule``, on the current device and stream) and :class:`HostBackend`
-(the source compiled as C++ with ``kernels/host_shim.h``, run serially on NumPy
-arrays), which lets the CPU test tier execute the kernels themselves.
+(the source compiled as C++ with ``kernels/host_runtime.h``, which runs CUDA's
+execution model on the CPU, with checks), which lets the CPU test tier execute
+the kernels themselves. Besides the files of :data:`KERNELS`, both build any
+:class:`KernelFile` (the tests' own kernels).
 """
 
 from __future__ import annotations
@@ -26,7 +31,9 @@ import pathlib
 import shutil
 import subprocess
 import tempfile
+import re
 import threading
+import typing
 
 import numpy
 
@@ -48,6 +55,29 @@ KERNELS = {
 BLOCK = 256
 MAX_GRID = 65535 * 8
 
+# What makes a kernel file block-cooperative: the host build runs its threads
+# as fibers (see host_runtime.h) instead of a plain loop.
+COOPERATIVE = re.compile(r"__syncthreads|__syncwarp|__shfl|__ballot_sync|__any_sync|__all_sync|"
+                         r"DCN_SHARED|dcn_ldmatrix|dcn_mma_|dcn_cp_async")
+
+
+class KernelFile(typing.NamedTuple):
+    """A kernel source outside :data:`KERNELS` (the tests' kernels): ``path``
+    to the ``.cu`` file (compiled after ``common.cuh``, as the op files are)
+    and the template instantiations to build, e.g.
+    ``("gemm<dcn_half, int, 64>",)``."""
+
+    path: pathlib.Path
+    expressions: tuple
+
+    @property
+    def name(self):
+        return pathlib.Path(self.path).stem
+
+
+def _file_name(file):
+    return file.name if isinstance(file, KernelFile) else file
+
 
 def kernel_dir():
     """The folder holding the .cu sources: inside the installed package, or the
@@ -62,21 +92,54 @@ def kernel_dir():
 
 
 def source(file):
-    """The full source text of ``file`` (a key of KERNELS) as it is compiled."""
-    if file not in KERNELS:
-        raise KeyError(f"unknown kernel file {file!r}; known: {sorted(KERNELS)}")
+    """The full source text of ``file`` (a key of KERNELS or a KernelFile) as
+    it is compiled. ``#line`` marks make compiler messages and the host
+    checks' reports name the real file and line."""
     folder = kernel_dir()
+    if isinstance(file, KernelFile):
+        name, body = pathlib.Path(file.path).name, pathlib.Path(file.path).read_text()
+    elif file in KERNELS:
+        name, body = f"{file}.cu", (folder / f"{file}.cu").read_text()
+    else:
+        raise KeyError(f"unknown kernel file {file!r}; known: {sorted(KERNELS)} or a KernelFile")
     common = (folder / "common.cuh").read_text()
-    body = (folder / f"{file}.cu").read_text()
-    return f"{common}\n// ---- {file}.cu ----\n{body}"
+    return f'#line 1 "common.cuh"\n{common}\n// ---- {name} ----\n#line 1 "{name}"\n{body}'
 
 
-def template_name(kernel, dtype, bits):
-    return f"{kernel}<{dtype.ctype}, {_dtypes.INDEX_CTYPES[bits]}>"
+def _format_template_argument(value):
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    return str(value)
+
+
+def template_name(kernel, dtype, bits, template=()):
+    """``kernel<T, I, *template>``: the instantiation a launch runs."""
+    extra = "".join(f", {_format_template_argument(v)}" for v in template)
+    return f"{kernel}<{dtype.ctype}, {_dtypes.INDEX_CTYPES[bits]}{extra}>"
 
 
 def name_expressions(file, dtype, bits):
     return [template_name(k, dtype, bits) for k in KERNELS[file]]
+
+
+def all_expressions(file):
+    """Every instantiation a build of ``file`` holds."""
+    if isinstance(file, KernelFile):
+        return list(file.expressions)
+    return [e for dtype in _dtypes.DTYPES.values() for bits in (32, 64)
+            for e in name_expressions(file, dtype, bits)]
+
+
+def _body(file, text):
+    """The kernel file's own text inside a full source ``text`` (after common.cuh)."""
+    name = pathlib.Path(file.path).name if isinstance(file, KernelFile) else f"{file}.cu"
+    mark = text.rfind(f'#line 1 "{name}"')
+    return text if mark < 0 else text[mark:]
+
+
+def cooperative(file, text=None):
+    """True if ``file`` (its source ``text``) uses block cooperation."""
+    return bool(COOPERATIVE.search(_body(file, source(file) if text is None else text)))
 
 
 def instantiations():
@@ -112,6 +175,31 @@ def grid_for(n, block=BLOCK, max_grid=MAX_GRID):
     return max(1, min((n + block - 1) // block, max_grid))
 
 
+def _dim3(value, what):
+    """A grid or block as an (x, y, z) tuple of positive ints."""
+    dims = (value,) if isinstance(value, (int, numpy.integer)) else tuple(value)
+    if not 1 <= len(dims) <= 3 or not all(
+            isinstance(d, (int, numpy.integer)) and not isinstance(d, bool) and d >= 1
+            for d in dims):
+        raise ValueError(f"{what} must be 1 to 3 positive ints (x, y, z), got {value!r}")
+    return tuple(int(d) for d in dims) + (1,) * (3 - len(dims))
+
+
+def launch_config(n, grid=None, block=None, shared=0, default_block=BLOCK, max_grid=MAX_GRID):
+    """The (grid, block, shared) of a launch: the given configuration, or a
+    1-D grid-stride launch of ``default_block`` threads over ``n`` items."""
+    if block is None:
+        block = default_block
+    block = _dim3(block, "block")
+    threads = block[0] * block[1] * block[2]
+    if threads > 1024:
+        raise ValueError(f"block must have at most 1024 threads, got {block} = {threads}")
+    grid = _dim3(grid_for(n, threads, max_grid) if grid is None else grid, "grid")
+    if not isinstance(shared, (int, numpy.integer)) or shared < 0:
+        raise ValueError(f"shared must be a non-negative number of bytes, got {shared!r}")
+    return grid, block, int(shared)
+
+
 class CupyBackend:
     """Runs kernels with CuPy on the current device and the current stream."""
 
@@ -133,82 +221,156 @@ class CupyBackend:
             with self._lock:
                 module = self._modules.get(key)
                 if module is None:
-                    module = cupy.RawModule(
-                        code=source(file),
-                        options=self.OPTIONS,
-                        name_expressions=name_expressions(file, dtype, bits),
-                    )
+                    expressions = (list(file.expressions) if isinstance(file, KernelFile)
+                                   else name_expressions(file, dtype, bits))
+                    module = cupy.RawModule(code=source(file), options=self.OPTIONS,
+                                            name_expressions=expressions)
                     module.compile()
                     self._modules[key] = module
         return module
 
-    def launch(self, file, kernel, dtype, bits, n, args):
+    def launch(self, file, kernel, dtype, bits, n, args, *, grid=None, block=None, shared=0,
+               template=()):
+        """Run ``kernel<T, I, *template>`` of ``file`` over ``n`` work items
+        (none: no launch), on ``grid`` x ``block`` if given (see launch_config)."""
         if n == 0:
             return
-        function = self.module(file, dtype, bits).get_function(template_name(kernel, dtype, bits))
+        grid, block, shared = launch_config(n, grid, block, shared)
+        function = self.module(file, dtype, bits).get_function(
+            template_name(kernel, dtype, bits, template))
         packed = pack(args, dtype, bits, lambda a: a)
         packed = [numpy.uint64(0) if a is None else a for a in packed]
-        function((grid_for(n),), (BLOCK,), tuple(packed))
+        function(grid, block, tuple(packed), shared_mem=shared)
+
+
+class _HostConfig(ctypes.Structure):
+    """dcn_host_config of host_runtime.h."""
+
+    _fields_ = [("grid", ctypes.c_uint * 3), ("block", ctypes.c_uint * 3),
+                ("shared_bytes", ctypes.c_ulonglong), ("seed", ctypes.c_ulonglong),
+                ("workers", ctypes.c_int), ("checks", ctypes.c_int), ("vary", ctypes.c_int),
+                ("cooperative", ctypes.c_int)]
+
+
+def _cpu_description():
+    """What -march=native depends on: the CPU model and its feature flags."""
+    try:
+        with open("/proc/cpuinfo") as info:
+            lines = [line for line in info if line.startswith(("model name", "flags"))][:2]
+    except OSError:
+        lines = []
+    import platform
+
+    return platform.machine() + "".join(lines)
+
+
+def _env_flag(name):
+    value = os.environ.get(name, "")
+    if value not in ("", "0", "1"):
+        raise ValueError(f"${name} must be 0 or 1, got {value!r}")
+    return value == "1"
+
+
+# The host backend of the users' CPU path: checks off (a fixed order, no
+# recording), blocks on every core, grid-stride launches of BLOCK threads.
+HOST_USER_OPTIONS = {"checks": False}
 
 
 class HostBackend:
-    """Runs the same kernel source on the CPU, serially, on NumPy arrays.
+    """Runs the same kernel source on the CPU, on NumPy arrays, with CUDA's
+    execution model (``kernels/host_runtime.h``).
 
-    The source is compiled as C++ with ``kernels/host_shim.h`` by ``$CXX`` (or
-    ``c++``); the shared library is cached under ``$CUPYDCN_CACHE_DIR`` (default
-    ``~/.cache/cupydcn``) by a hash of everything that went in. A small grid
-    and block (``grid`` x ``block`` serial "threads") exercise the grid-stride
-    loops the way a GPU does. ``sources`` maps a file to replacement source
-    text (the tests use it to show that a wrong kernel fails them); ``flags``
-    are added to the compiler's (e.g. ``-fsanitize=address``).
+    The source is compiled as C++ by ``$CXX`` (or ``c++``); the shared library
+    is cached under ``$CUPYDCN_CACHE_DIR`` (default ``~/.cache/cupydcn``) by a
+    hash of everything that went in. Blocks run in parallel on ``workers`` OS
+    threads (default: the CPU cores). A kernel file with no block cooperation
+    runs each block's threads as a plain loop; a cooperative one (see
+    :data:`COOPERATIVE`) runs each thread as a fiber, with shared memory,
+    barriers and warp operations.
+
+    ``checks`` (default ``$CUPYDCN_HOST_CHECKS`` = 1, else off) is the one
+    setting of the test tier: shared-memory race detection, bounds and mask
+    checks, and scheduling of blocks and threads in an order drawn from
+    ``seed`` (default ``$CUPYDCN_HOST_SEED``, else 0; an error names it). The
+    same launch with the same seed runs in the same order, so that a result
+    can be reproduced; with more than one worker, real atomics still add in
+    the order the cores reach them. Off, the same kernels run in a fixed order
+    without recording accesses: the fast CPU path.
+
+    ``grid`` and ``block`` are the default 1-D launch of a grid-stride kernel
+    over n items: ``block`` threads, and ``grid`` blocks at most (None: as many
+    as the items need). The tests use a small grid and an odd block to
+    exercise the grid-stride loops. ``sources`` maps a file to replacement
+    source text (the tests use it to show that a wrong kernel fails them);
+    ``flags`` are added to the compiler's (e.g. ``-fsanitize=address``).
     """
 
     name = "host"
     xp = numpy
-    FLAGS = ("-std=c++17", "-O2", "-shared", "-fPIC", "-fno-strict-aliasing")
+    # -march=native: the library is built on, and cached for, the machine that
+    # runs it (the cache key holds the CPU's description). ISO C++ mode keeps
+    # floating-point contraction off, so no FMA changes a rounding.
+    FLAGS = ("-std=c++17", "-O3", "-march=native", "-shared", "-fPIC", "-fno-strict-aliasing",
+             "-pthread")
 
-    def __init__(self, grid=3, block=5, compiler=None, sources=None, flags=()):
+    def __init__(self, grid=None, block=BLOCK, compiler=None, sources=None, flags=(), checks=None,
+                 workers=None, seed=None):
         self.grid, self.block = grid, block
         self.flags = (*self.FLAGS, *flags)
         self.sources = dict(sources or {})
         self.compiler = compiler or os.environ.get("CXX") or "c++"
+        self.checks = _env_flag("CUPYDCN_HOST_CHECKS") if checks is None else bool(checks)
+        if workers is None:
+            workers = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (
+                os.cpu_count() or 1)
+        if not isinstance(workers, int) or isinstance(workers, bool) or workers < 1:
+            raise ValueError(f"workers must be a positive int, got {workers!r}")
+        self.workers = workers
+        if seed is None:
+            seed = os.environ.get("CUPYDCN_HOST_SEED") or 0
+        try:
+            self.seed = int(seed)
+        except ValueError:
+            raise ValueError(f"seed ($CUPYDCN_HOST_SEED) must be an int, got {seed!r}") from None
         self._libraries = {}
+        self._cooperative = {}
         self._lock = threading.Lock()
 
-    @staticmethod
-    def symbol(kernel, dtype, bits):
-        return f"dcn_host_{kernel}_{dtype.name}_i{bits}"
+    def _text(self, file):
+        return self.sources.get(_file_name(file)) or source(file)
+
+    def _symbols(self, file):
+        return {e: f"dcn_host_k{i}" for i, e in enumerate(all_expressions(file))}
 
     def build_source(self, file):
-        shim = (kernel_dir() / "host_shim.h").read_text()
-        wrappers = []
-        for dtype in _dtypes.DTYPES.values():
-            for bits in (32, 64):
-                for kernel in KERNELS[file]:
-                    wrappers.append(
-                        f'extern "C" void {self.symbol(kernel, dtype, bits)}'
-                        "(unsigned int grid, unsigned int block, void** args) "
-                        f"{{ dcn_host_launch(&{template_name(kernel, dtype, bits)}, "
-                        "grid, block, args); }"
-                    )
-        text = self.sources.get(file) or source(file)
-        return "\n".join([shim, text, "// ---- host launch wrappers ----", *wrappers, ""])
+        folder = kernel_dir()
+        runtime = (folder / "host_runtime.h").read_text()
+        shim = (folder / "host_shim.h").read_text()
+        wrappers = [
+            f'extern "C" int {symbol}(const dcn_host_config* config, void** args) '
+            f'{{ return dcn_host_launch("{expression}", &{expression}, args, config); }}'
+            for expression, symbol in self._symbols(file).items()
+        ]
+        return "\n".join(['#line 1 "host_runtime.h"', runtime, '#line 1 "host_shim.h"', shim,
+                          self._text(file), "// ---- host launch wrappers ----", *wrappers, ""])
 
     def library(self, file):
-        library = self._libraries.get(file)
+        key = _file_name(file)
+        library = self._libraries.get(key)
         if library is not None:
             return library
         with self._lock:
-            library = self._libraries.get(file)
+            library = self._libraries.get(key)
             if library is None:
-                library = ctypes.CDLL(str(self._compile(self.build_source(file), file)))
-                self._libraries[file] = library
+                library = ctypes.CDLL(str(self._compile(self.build_source(file), key)))
+                library.dcn_host_error.restype = ctypes.c_char_p
+                self._libraries[key] = library
         return library
 
     def _compile(self, text, file):
         if shutil.which(self.compiler) is None:
             raise RuntimeError(f"the host build needs a C++ compiler; {self.compiler!r} not found")
-        key = text + repr((self.compiler, self.flags))
+        key = text + repr((self.compiler, self.flags, _cpu_description()))
         digest = hashlib.sha256(key.encode()).hexdigest()[:20]
         default = pathlib.Path.home() / ".cache" / "cupydcn"
         cache = pathlib.Path(os.environ.get("CUPYDCN_CACHE_DIR") or default)
@@ -229,10 +391,26 @@ class HostBackend:
             os.replace(out, target)  # atomic: concurrent builders agree
         return target
 
-    def launch(self, file, kernel, dtype, bits, n, args):
+    def launch(self, file, kernel, dtype, bits, n, args, *, grid=None, block=None, shared=0,
+               template=(), cooperative=None):
+        """Run ``kernel<T, I, *template>`` of ``file`` over ``n`` work items
+        (none: no launch), on ``grid`` x ``block`` if given (see launch_config).
+        ``cooperative`` (default: what the file's source shows) runs the
+        threads as fibers. An error the checks find raises RuntimeError."""
         if n == 0:
             return
-        function = getattr(self.library(file), self.symbol(kernel, dtype, bits))
+        if grid is None and block is None:
+            grid, block, shared = launch_config(n, None, self.block, shared,
+                                                max_grid=self.grid or MAX_GRID)
+        else:
+            grid, block, shared = launch_config(n, grid, block, shared)
+        library = self.library(file)
+        expression = template_name(kernel, dtype, bits, template)
+        symbols = self._symbols(file)
+        if expression not in symbols:
+            raise KeyError(f"{expression} is not built for {_file_name(file)}; built: "
+                           f"{sorted(symbols)}")
+        function = getattr(library, symbols[expression])
         index_ctype = ctypes.c_int32 if bits == 32 else ctypes.c_int64
         acc_ctype = ctypes.c_float if dtype.acc == numpy.float32 else ctypes.c_double
         values = []
@@ -247,8 +425,23 @@ class HostBackend:
                 values.append(acc_ctype(float(arg)))
         pointers = [ctypes.cast(ctypes.pointer(v), ctypes.c_void_p) for v in values]
         argv = (ctypes.c_void_p * len(values))(*pointers)
-        grid = max(1, min(self.grid, (n + self.block - 1) // self.block))
-        function(ctypes.c_uint(grid), ctypes.c_uint(self.block), argv)
+        seed = self.seed
+        if cooperative is None:
+            cooperative = self.cooperative(file)
+        config = _HostConfig((ctypes.c_uint * 3)(*grid), (ctypes.c_uint * 3)(*block), shared, seed,
+                             self.workers, int(self.checks), int(self.checks), int(cooperative))
+        if function(ctypes.byref(config), argv) != 0:
+            report = library.dcn_host_error().decode(errors="replace")
+            raise RuntimeError(f"{report} [host launch of {expression}, grid {grid}, block "
+                               f"{block}, shared {shared} bytes, seed {seed}]")
+
+    def cooperative(self, file):
+        """True if the host build runs ``file``'s threads as fibers."""
+        key = _file_name(file)
+        found = self._cooperative.get(key)
+        if found is None:
+            found = self._cooperative[key] = cooperative(file, self._text(file))
+        return found
 
 
 class NoWorkBackend:
@@ -282,9 +475,3 @@ def cupy_backend():
             if _cupy_backend is None:
                 _cupy_backend = CupyBackend()
     return _cupy_backend
-
-
-def backend_for(call):
-    """The backend of an op call: CuPy on the GPU; on the CPU the kernel path
-    runs only for empty work (the NumPy reference computes everything else)."""
-    return cupy_backend() if call.on_gpu else NoWorkBackend

@@ -175,3 +175,177 @@ __device__ __forceinline__ void dcn_conv_bilinear_grad(const T* plane, I H, I W,
   for (I i = (I)blockIdx.x * (I)blockDim.x + (I)threadIdx.x,                  \
          i##_stride = (I)blockDim.x * (I)gridDim.x;                           \
        i < (n); i = ((n) - i > i##_stride) ? (I)(i + i##_stride) : (I)(n))
+
+// ---- block cooperation: shared memory, tensor cores, async copies ----
+//
+// Block-cooperative kernels declare shared memory with these macros and reach
+// it by subscript (s[i]), so that the host build (host_runtime.h) can give
+// each block its own copy and record every access for its race check. On the
+// device they are plain __shared__ declarations.
+//   DCN_SHARED(T, name, count)   a static shared array of `count` T
+//   DCN_SHARED_DYNAMIC(T, name)  the dynamic shared memory (the launch's
+//                                shared bytes) as an array of T
+// The wrappers below are one PTX instruction each on the device and an
+// emulation on the host. Fragment layouts are the PTX ISA's ("Matrix Fragments
+// for mma.m16n8k16 with floating point type", "... mma.m16n8k8" for .tf32,
+// "Warp-level matrix load instruction: ldmatrix"). With g = lane / 4 and
+// t = lane % 4 (row-major A, column-major B, f32 C and D):
+//   m16n8k16 f16/bf16: a[0] = A[g][2t..2t+1], a[1] = A[g+8][2t..], a[2] = A[g][2t+8..],
+//     a[3] = A[g+8][2t+8..]; b[0] = B[2t..2t+1][g], b[1] = B[2t+8..][g] (two 16-bit
+//     values per register, the lower column/row in the low half)
+//   m16n8k8 tf32: a[0] = A[g][t], a[1] = A[g+8][t], a[2] = A[g][t+4], a[3] = A[g+8][t+4];
+//     b[0] = B[t][g], b[1] = B[t+4][g]
+//   c, d: [0] = C[g][2t], [1] = C[g][2t+1], [2] = C[g+8][2t], [3] = C[g+8][2t+1]
+// Products of the rounded inputs are exact and accumulated in f32.
+#ifdef __CUDA_ARCH__
+#define DCN_SHARED(T, name, count) __shared__ T name[count]
+#define DCN_SHARED_DYNAMIC(T, name)                                  \
+  extern __shared__ __align__(16) unsigned char dcn_dynamic_shared_[]; \
+  T* name = reinterpret_cast<T*>(dcn_dynamic_shared_)
+typedef long long dcn_shared_index;  // a subscript of a shared array
+#define DCN_CALLER
+#define DCN_CALLER_ARGS
+#else
+#define DCN_SHARED(T, name, count)                                            \
+  static char dcn_shared_site_##name;                                         \
+  dcn_shared_array<T> name =                                                  \
+      dcn_host_shared_static<T>(&dcn_shared_site_##name, #name, (count), __FILE__, __LINE__)
+#define DCN_SHARED_DYNAMIC(T, name) \
+  dcn_shared_array<T> name = dcn_host_shared_dynamic<T>(__FILE__, __LINE__)
+typedef dcn_host_index dcn_shared_index;  // carries the subscript's file:line
+#define DCN_CALLER , const char* dcn_file = __builtin_FILE(), int dcn_line = __builtin_LINE()
+#define DCN_CALLER_ARGS dcn_file, dcn_line
+#endif
+
+#ifdef __CUDA_ARCH__
+__device__ __forceinline__ unsigned int dcn_shared_address(const void* p) {
+  unsigned int a;
+  asm("{ .reg .u64 t; cvta.to.shared.u64 t, %1; cvt.u32.u64 %0, t; }" : "=r"(a) : "l"(p));
+  return a;
+}
+#endif
+
+// d = a * b + c, m16n8k16, f16 inputs (two per 32-bit register), f32 accumulate.
+__device__ __forceinline__ void dcn_mma_m16n8k16_f16(float* d, const unsigned int* a,
+                                                     const unsigned int* b,
+                                                     const float* c DCN_CALLER) {
+#ifdef __CUDA_ARCH__
+  asm volatile(
+      "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, "
+      "{%8,%9}, {%10,%11,%12,%13};"
+      : "=f"(d[0]), "=f"(d[1]), "=f"(d[2]), "=f"(d[3])
+      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]),
+        "f"(c[0]), "f"(c[1]), "f"(c[2]), "f"(c[3]));
+#else
+  dcn_host_mma<0>(d, a, b, c, DCN_CALLER_ARGS);
+#endif
+}
+
+// d = a * b + c, m16n8k16, bf16 inputs (two per 32-bit register), f32 accumulate.
+__device__ __forceinline__ void dcn_mma_m16n8k16_bf16(float* d, const unsigned int* a,
+                                                      const unsigned int* b,
+                                                      const float* c DCN_CALLER) {
+#ifdef __CUDA_ARCH__
+  asm volatile(
+      "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, "
+      "{%8,%9}, {%10,%11,%12,%13};"
+      : "=f"(d[0]), "=f"(d[1]), "=f"(d[2]), "=f"(d[3])
+      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]),
+        "f"(c[0]), "f"(c[1]), "f"(c[2]), "f"(c[3]));
+#else
+  dcn_host_mma<1>(d, a, b, c, DCN_CALLER_ARGS);
+#endif
+}
+
+// d = a * b + c, m16n8k8, tf32 inputs (f32 bit patterns; the hardware reads the
+// top 19 bits: round with dcn_to_tf32 first), f32 accumulate.
+__device__ __forceinline__ void dcn_mma_m16n8k8_tf32(float* d, const unsigned int* a,
+                                                     const unsigned int* b,
+                                                     const float* c DCN_CALLER) {
+#ifdef __CUDA_ARCH__
+  asm volatile(
+      "mma.sync.aligned.m16n8k8.row.col.f32.tf32.tf32.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, "
+      "{%8,%9}, {%10,%11,%12,%13};"
+      : "=f"(d[0]), "=f"(d[1]), "=f"(d[2]), "=f"(d[3])
+      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]),
+        "f"(c[0]), "f"(c[1]), "f"(c[2]), "f"(c[3]));
+#else
+  dcn_host_mma<2>(d, a, b, c, DCN_CALLER_ARGS);
+#endif
+}
+
+// f32 -> tf32 (cvt.rna: to nearest, ties away from zero), as an f32 value.
+__device__ __forceinline__ float dcn_to_tf32(float v) {
+#ifdef __CUDA_ARCH__
+  unsigned int r;
+  asm("cvt.rna.tf32.f32 %0, %1;" : "=r"(r) : "f"(v));
+  return __uint_as_float(r);
+#else
+  return dcn_host_to_tf32(v);
+#endif
+}
+
+// ldmatrix.sync.aligned.m8n8.x{Count}[.trans].shared.b16: lanes 8m..8m+7 give the
+// rows of 8x8 matrix m (&s[i], 16 bytes each, 16-byte aligned); lane l receives
+// in r[m] the elements (l/4, 2(l%4)) and (l/4, 2(l%4)+1) of matrix m, or with
+// Trans the elements (2(l%4), l/4) and (2(l%4)+1, l/4).
+template <int Count, bool Trans, typename S>
+__device__ __forceinline__ void dcn_ldmatrix(unsigned int* r, S& s, dcn_shared_index i) {
+  static_assert(Count == 1 || Count == 2 || Count == 4, "ldmatrix loads 1, 2 or 4 matrices");
+#ifdef __CUDA_ARCH__
+  const unsigned int a = dcn_shared_address(&s[i]);
+  if constexpr (Count == 1 && !Trans)
+    asm volatile("ldmatrix.sync.aligned.m8n8.x1.shared.b16 {%0}, [%1];" : "=r"(r[0]) : "r"(a));
+  if constexpr (Count == 1 && Trans)
+    asm volatile("ldmatrix.sync.aligned.m8n8.x1.trans.shared.b16 {%0}, [%1];"
+                 : "=r"(r[0]) : "r"(a));
+  if constexpr (Count == 2 && !Trans)
+    asm volatile("ldmatrix.sync.aligned.m8n8.x2.shared.b16 {%0,%1}, [%2];"
+                 : "=r"(r[0]), "=r"(r[1]) : "r"(a));
+  if constexpr (Count == 2 && Trans)
+    asm volatile("ldmatrix.sync.aligned.m8n8.x2.trans.shared.b16 {%0,%1}, [%2];"
+                 : "=r"(r[0]), "=r"(r[1]) : "r"(a));
+  if constexpr (Count == 4 && !Trans)
+    asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0,%1,%2,%3}, [%4];"
+                 : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3]) : "r"(a));
+  if constexpr (Count == 4 && Trans)
+    asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0,%1,%2,%3}, [%4];"
+                 : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3]) : "r"(a));
+#else
+  dcn_host_ldmatrix<Count, Trans>(r, s, i);
+#endif
+}
+
+// cp.async.ca.shared.global: copy Bytes (4, 8 or 16, both addresses aligned to
+// it) from global src to &s[i], asynchronously: the data is there only after
+// the dcn_cp_async_wait that covers the copy's group (and, for other threads,
+// a barrier after it).
+template <int Bytes, typename S>
+__device__ __forceinline__ void dcn_cp_async(S& s, dcn_shared_index i, const void* src) {
+  static_assert(Bytes == 4 || Bytes == 8 || Bytes == 16, "cp.async copies 4, 8 or 16 bytes");
+#ifdef __CUDA_ARCH__
+  asm volatile("cp.async.ca.shared.global [%0], [%1], %2;"
+               :: "r"(dcn_shared_address(&s[i])), "l"(src), "n"(Bytes) : "memory");
+#else
+  dcn_host_cp_async<Bytes>(s, i, src);
+#endif
+}
+
+// cp.async.commit_group: the copies issued since the last commit form a group.
+__device__ __forceinline__ void dcn_cp_async_commit() {
+#ifdef __CUDA_ARCH__
+  asm volatile("cp.async.commit_group;" ::: "memory");
+#else
+  dcn_host_cp_async_commit();
+#endif
+}
+
+// cp.async.wait_group Pending: wait until at most Pending committed groups
+// (the newest) are still in flight.
+template <int Pending> __device__ __forceinline__ void dcn_cp_async_wait() {
+#ifdef __CUDA_ARCH__
+  asm volatile("cp.async.wait_group %0;" :: "n"(Pending) : "memory");
+#else
+  dcn_host_cp_async_wait(Pending);
+#endif
+}

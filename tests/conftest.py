@@ -33,8 +33,14 @@ def pytest_collection_modifyitems(config, items):
 
 @pytest.fixture(scope="session")
 def host():
-    """The kernels compiled for the CPU (kernels/host_shim.h), run serially."""
-    return _kernels.HostBackend(grid=3, block=5)
+    """The kernels compiled for the CPU (kernels/host_runtime.h) with the checks
+    on: threads and blocks in an order drawn from the seed ($CUPYDCN_HOST_SEED,
+    default 12). One worker, so that two identical launches add in the same
+    order (tests compare them bit for bit); tests/test_host_runtime.py runs
+    blocks in parallel. A small grid and an odd block exercise the grid-stride
+    loops."""
+    seed = int(os.environ.get("CUPYDCN_HOST_SEED") or 12)
+    return _kernels.HostBackend(grid=3, block=5, checks=True, workers=1, seed=seed)
 
 
 @pytest.fixture(scope="session")

@@ -34,7 +34,8 @@ _LOOP_PROGRAM = r"""
 #define __forceinline__ inline
 struct dim3_ { unsigned int x, y, z; };
 static dim3_ threadIdx, blockIdx, blockDim, gridDim;
-#include "common.cuh"
+// DCN_KERNEL_LOOP, as kernels/common.cuh defines it:
+@MACRO@
 
 static int visits[32768];
 static long long steps = 0, bad = 0;
@@ -72,7 +73,10 @@ def loop_program(tmp_path_factory):
         pytest.skip(f"no C++ compiler ({compiler!r}) to build the loop test")
     folder = tmp_path_factory.mktemp("loop")
     source = folder / "loop.cpp"
-    source.write_text(_LOOP_PROGRAM)
+    common = (KERNELS / "common.cuh").read_text()
+    macro = re.search(r"#define DCN_KERNEL_LOOP\(.*?[^\\]\n", common, re.S)
+    assert macro, "DCN_KERNEL_LOOP not found in kernels/common.cuh"
+    source.write_text(_LOOP_PROGRAM.replace("@MACRO@", macro.group(0)))
     binary = folder / "loop"
     subprocess.run([compiler, "-std=c++17", "-O1", "-fwrapv", f"-I{KERNELS}", str(source),
                     "-o", str(binary)], check=True, capture_output=True, text=True)
@@ -97,16 +101,11 @@ def test_old_grid_stride_loop_would_have_wrapped(tmp_path, loop_program):
     """The same program with the old macro shows the wrap, so the test above
     can fail."""
     compiler = os.environ.get("CXX") or "c++"
-    old = (KERNELS / "common.cuh").read_text()
-    start = old.index("#define DCN_KERNEL_LOOP")
-    end = old.index("\n\n", start) if "\n\n" in old[start:] else len(old)
-    old = old[:start] + (
-        "#define DCN_KERNEL_LOOP(i, I, n) \\\n"
-        "  for (I i = (I)blockIdx.x * (I)blockDim.x + (I)threadIdx.x; i < (n); \\\n"
-        "       i += (I)blockDim.x * (I)gridDim.x)\n") + old[end:]
-    (tmp_path / "common.cuh").write_text(old)
+    old_macro = ("#define DCN_KERNEL_LOOP(i, I, n) \\\n"
+                 "  for (I i = (I)blockIdx.x * (I)blockDim.x + (I)threadIdx.x; i < (n); \\\n"
+                 "       i += (I)blockDim.x * (I)gridDim.x)\n")
     source = tmp_path / "loop.cpp"
-    source.write_text(_LOOP_PROGRAM)
+    source.write_text(_LOOP_PROGRAM.replace("@MACRO@", old_macro))
     binary = tmp_path / "loop"
     subprocess.run([compiler, "-std=c++17", "-O1", "-fwrapv", f"-I{tmp_path}", str(source),
                     "-o", str(binary)], check=True, capture_output=True, text=True)

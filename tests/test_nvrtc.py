@@ -100,3 +100,19 @@ def test_a_broken_kernel_fails_to_compile():
     with pytest.raises(RuntimeError, match="error"):
         nvrtc.compile("__global__ void k(float* x) { x[0] = ; }", "broken.cu",
                       ["--gpu-architecture=sm_90"], [])
+
+
+@pytest.mark.parametrize("arch", ["sm_80", "sm_90"])
+def test_block_cooperation_wrappers_compile(nvrtc, arch):
+    """common.cuh's shared-memory macros and its mma / ldmatrix / cp.async
+    wrappers compile to device code: the host executor's test kernels
+    (tests/kernels/host_primitives.cu, the cooperative GEMM among them) for the
+    architectures that have those instructions."""
+    import test_host_runtime
+
+    file = test_host_runtime.PRIMITIVES
+    options = [*_kernels.CupyBackend.OPTIONS, f"--gpu-architecture={arch}"]
+    log, lowered, cubin = nvrtc.compile(_kernels.source(file), "host_primitives.cu", options,
+                                        list(file.expressions))
+    assert not [line for line in log.splitlines() if line.strip()], log
+    assert set(lowered) == set(file.expressions) and cubin > 0

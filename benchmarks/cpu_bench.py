@@ -1,0 +1,210 @@
+"""CPU timings of deformable convolution: the host backend beside torchvision and NumPy.
+
+    python benchmarks/cpu_bench.py [--repeat 7] [--workers N] [--json out.json]
+
+float32 DCNv2 (mask and bias), padding 1, forward and forward + backward (every
+gradient), on the shapes of issue 12: input (2, 64, 64, 64) with weight
+(64, 64, 3, 3), and input (8, 32, 32, 32) with weight (32, 32, 3, 3). Side by
+side in one run:
+
+* ``host``: cupydcn's kernels compiled for the CPU (``kernels/host_runtime.h``)
+  with the checks off and blocks in parallel on ``--workers`` threads (default:
+  the cores), through ``cupydcn._deform_conv.forward/backward``; the GEMMs are
+  NumPy's (its BLAS).
+* ``torchvision``: ``torchvision.ops.deform_conv2d`` on CPU tensors, if importable.
+* ``numpy``: ``cupydcn.reference`` (the float64 NumPy reference, what CPU users
+  got before the host backend), timed once per case: it is slow.
+
+Each result is first checked against the reference (relative error of the
+forward and of every gradient), then timed: the median of ``--repeat`` runs
+after one warm-up. Prints a table (and writes JSON with ``--json``). A program,
+not a test: the tests never time anything.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+
+import numpy
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+from cupydcn import _deform_conv, _kernels, _validation, reference  # noqa: E402
+
+CASES = [((2, 64, 64, 64), (64, 64, 3, 3)), ((8, 32, 32, 32), (32, 32, 3, 3))]
+WRT = frozenset({"input", "offset", "weight", "bias", "mask"})
+
+
+def make_case(input_shape, weight_shape, seed=0):
+    rng = numpy.random.default_rng(seed)
+    B, C, H, W = input_shape
+    Cout, _, kh, kw = weight_shape
+    f = numpy.float32
+    x = rng.standard_normal(input_shape).astype(f)
+    w = (rng.standard_normal(weight_shape) * 0.05).astype(f)
+    b = rng.standard_normal(Cout).astype(f)
+    offset = rng.uniform(-2, 2, (B, 2 * kh * kw, H, W)).astype(f)
+    mask = rng.uniform(0, 1, (B, kh * kw, H, W)).astype(f)
+    grad = rng.standard_normal((B, Cout, H, W)).astype(f)
+    return dict(input=x, weight=w, bias=b, offset=offset, mask=mask, grad=grad)
+
+
+def median_times(functions, repeat):
+    """Median wall time of each function, the runs interleaved (A B A B ...) so
+    that a change in the machine's load falls on all of them alike."""
+    for function in functions:
+        function()  # warm-up (and the host build, the first time)
+    times = [[] for _ in functions]
+    for _ in range(repeat):
+        for function, spent in zip(functions, times):
+            start = time.perf_counter()
+            function()
+            spent.append(time.perf_counter() - start)
+    return [statistics.median(t) for t in times]
+
+
+def rel_err(got, ref):
+    got, ref = numpy.asarray(got, numpy.float64), numpy.asarray(ref, numpy.float64)
+    return float(numpy.linalg.norm(got - ref) / max(numpy.linalg.norm(ref), 1e-300))
+
+
+class Host:
+    name = "host"
+
+    def __init__(self, workers):
+        self.backend = _kernels.HostBackend(checks=False, workers=workers)
+
+    def forward(self, c):
+        geo = _validation.check_deform_conv2d(c["input"], c["offset"], c["weight"], c["bias"], 1,
+                                              1, 1, c["mask"])
+        return _deform_conv.forward(self.backend, geo, c["input"], c["offset"], c["weight"],
+                                    c["bias"], c["mask"])
+
+    def forward_backward(self, c):
+        geo = _validation.check_deform_conv2d(c["input"], c["offset"], c["weight"], c["bias"], 1,
+                                              1, 1, c["mask"])
+        out = _deform_conv.forward(self.backend, geo, c["input"], c["offset"], c["weight"],
+                                   c["bias"], c["mask"])
+        grads = _deform_conv.backward(self.backend, geo, c["grad"], c["input"], c["offset"],
+                                      c["weight"], c["mask"], WRT)
+        return out, grads
+
+
+class TorchVision:
+    name = "torchvision"
+
+    def __init__(self):
+        import torch
+        import torchvision.ops
+
+        self.torch, self.op = torch, torchvision.ops.deform_conv2d
+
+    def _tensors(self, c, grad):
+        t = {k: self.torch.from_numpy(v) for k, v in c.items()}
+        if grad:
+            for k in ("input", "offset", "weight", "bias", "mask"):
+                t[k].requires_grad_(True)
+        return t
+
+    def forward(self, c):
+        t = self._tensors(c, False)
+        with self.torch.no_grad():
+            return self.op(t["input"], t["offset"], t["weight"], t["bias"], padding=1,
+                           mask=t["mask"]).numpy()
+
+    def forward_backward(self, c):
+        t = self._tensors(c, True)
+        out = self.op(t["input"], t["offset"], t["weight"], t["bias"], padding=1, mask=t["mask"])
+        out.backward(t["grad"])
+        grads = _deform_conv.DeformConv2dGrads(*(t[k].grad.numpy() for k in
+                                                 ("input", "offset", "weight", "bias", "mask")))
+        return out.detach().numpy(), grads
+
+
+def reference_results(c):
+    out = reference.deform_conv2d(c["input"], c["offset"], c["weight"], c["bias"], padding=(1, 1),
+                                  mask=c["mask"])
+    grads = reference.deform_conv2d_backward(c["grad"], c["input"], c["offset"], c["weight"],
+                                             c["bias"], padding=(1, 1), mask=c["mask"])
+    # reference order: input, offset, weight, bias, mask
+    return out, _deform_conv.DeformConv2dGrads(*grads)
+
+
+def _grads_error(grads, ref):
+    names = ("input", "offset", "weight", "bias", "mask")
+    return max(rel_err(getattr(grads, n), getattr(ref, n)) for n in names)
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--repeat", type=int, default=7)
+    parser.add_argument("--workers", type=int, default=None)
+    parser.add_argument("--json", default=None)
+    args = parser.parse_args(argv)
+
+    impls = [Host(args.workers)]
+    try:
+        impls.append(TorchVision())
+        import torch
+        import torchvision
+        tv = f"torch {torch.__version__}, torchvision {torchvision.__version__}, " \
+             f"{torch.get_num_threads()} threads"
+    except ImportError as error:
+        tv = f"torchvision not importable: {error}"
+    print(f"machine: {platform.processor() or platform.machine()}, "
+          f"{len(os.sched_getaffinity(0))} cores; python {platform.python_version()}, "
+          f"numpy {numpy.__version__}; {tv}; host workers {impls[0].backend.workers}; "
+          f"load average {os.getloadavg()[0]:.1f}")
+
+    results = []
+    for input_shape, weight_shape in CASES:
+        c = make_case(input_shape, weight_shape)
+        start = time.perf_counter()
+        ref_out, ref_grads = reference_results(c)
+        numpy_fwd_bwd = time.perf_counter() - start
+        start = time.perf_counter()
+        reference.deform_conv2d(c["input"], c["offset"], c["weight"], c["bias"], padding=(1, 1),
+                                mask=c["mask"])
+        numpy_fwd = time.perf_counter() - start
+        row = {"input": input_shape, "weight": weight_shape,
+               "numpy": {"forward": numpy_fwd, "forward_backward": numpy_fwd_bwd}}
+        for impl in impls:
+            out, grads = impl.forward_backward(c)
+            err = (rel_err(impl.forward(c), ref_out), _grads_error(grads, ref_grads))
+            if max(err) > 1e-4:
+                raise SystemExit(f"{impl.name} disagrees with the reference: {err}")
+            row[impl.name] = {"error": max(err)}
+        for phase in ("forward", "forward_backward"):
+            functions = [lambda impl=impl: getattr(impl, phase)(c) for impl in impls]
+            for impl, median in zip(impls, median_times(functions, args.repeat)):
+                row[impl.name][phase] = median
+        results.append(row)
+
+    print(f"\nfloat32 DCNv2 (mask, bias), padding 1; median of {args.repeat} runs, ms")
+    header = f"{'input':>18} {'weight':>16} {'pass':>9} {'host':>9} {'torchvision':>12} " \
+             f"{'numpy':>9} {'tv/host':>8}"
+    print(header)
+    for row in results:
+        for phase in ("forward", "forward_backward"):
+            host = row["host"][phase] * 1e3
+            tv = row.get("torchvision", {}).get(phase)
+            tv_text = f"{tv * 1e3:12.1f}" if tv else f"{'-':>12}"
+            ratio = f"{tv * 1e3 / host:8.2f}" if tv else f"{'-':>8}"
+            print(f"{str(row['input']):>18} {str(row['weight']):>16} "
+                  f"{'fwd' if phase == 'forward' else 'fwd+bwd':>9} {host:9.1f} {tv_text} "
+                  f"{row['numpy'][phase] * 1e3:9.1f} {ratio}")
+    print(f"load average at the end {os.getloadavg()[0]:.1f}")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(results, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()
