@@ -64,8 +64,9 @@ def test_case_arrays_and_parameters_are_the_specs(case):
     bound = spec.bind(**{n: host[n] for n in spec.arrays}, **case.params())
     geo = spec.check(**bound)
     assert spec.output_shapes(geo)["output"] == host["grad_output"].shape
-    assert case.reference_key == _bench.make_ops(
-        case, _bench.parse_dtype("float32"), None, _bench.Baselines(None, None, (), {}))[0].reference
+    runner = _bench.make_ops(case, _bench.parse_dtype("float32"), None,
+                             _bench.Baselines(None, None, (), {}))[0]
+    assert runner.reference == case.reference_key and runner.label == f"cupydcn.{spec.name}"
 
 
 def test_psroi_syntax_defaults_and_errors(capsys):
@@ -89,6 +90,10 @@ def test_psroi_syntax_defaults_and_errors(capsys):
 def test_psroi_is_in_the_suites(capsys):
     assert any(c.kind == "psroi" for c in _bench.SUITE)
     assert any(c.kind == "psroi" for c in _bench.QUICK_SUITE)
+    for case in (c for c in _bench.SUITE if c.kind == "psroi"):   # the gate's NumPy work is bounded
+        samples = case.output_dim * case.pooled_size**2 * case.sample_per_part**2
+        assert 1 <= case.check_items <= _bench.ROI_CHECK
+        assert case.check_items * samples <= 2**20
     from cupydcn import __main__
 
     assert __main__.main(["bench", "--list", "--psroi", "4,18,9,9,3,3"]) == 0

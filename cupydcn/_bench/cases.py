@@ -18,10 +18,13 @@ from typing import Callable, NamedTuple, Tuple
 
 import numpy
 
+from cupydcn import _dtypes
+from cupydcn._bench.libraries import TorchRunner, spec_reference
 from cupydcn._ops import SPECS
 
 MAX_SETS = 8
 ROI_CHECK = 64   # RoIs the NumPy reference checks (it loops over RoIs in Python)
+PSROI_CHECK_SAMPLES = 2**20   # PS RoI: fewer RoIs when each has many samples (memory, time)
 
 
 class Comparison(NamedTuple):
@@ -101,13 +104,11 @@ class _Case:
         return ()
 
     def reference_name(self, key, baselines):
-        return f"NumPy reference, first {min(self.R, ROI_CHECK)} RoIs"
+        return f"NumPy reference, first {min(self.R, self.check_items)} RoIs"
 
     def reference(self, key, host64, baselines, platform):
         """The float64 results (``out``, ``grad_<name>``, ...) held against
         the results of the libraries whose reference key is ``key``."""
-        from cupydcn._bench.libraries import spec_reference
-
         return spec_reference(self.spec_of_op, host64, self.params())
 
     def gemm_flop(self):
@@ -224,9 +225,6 @@ class ConvCase(_Case):
         return "NumPy reference, image 0"
 
     def reference(self, key, host64, baselines, platform):
-        from cupydcn import _dtypes
-        from cupydcn._bench.libraries import TorchRunner
-
         float64 = _dtypes.lookup(numpy.float64)
         by_key = {c.reference: c for c in self.comparisons()}
         if key == "dense" or (key == "deform" and baselines.ops is not None):
@@ -304,8 +302,6 @@ class RoICase(_Case):
                            ("input",), ("rois",), "roi_align", _torchvision_roi_align),)
 
     def reference(self, key, host64, baselines, platform):
-        from cupydcn._bench.libraries import spec_reference
-
         if key == "roi_align":   # the undeformed op: no offset, no mask
             host64 = dict(host64, offset=None, mask=None)
         return spec_reference(self.spec_of_op, host64, self.params())
@@ -368,6 +364,14 @@ class PSRoICase(_Case):
                 "group_size": self.group_size, "pooled_size": self.pooled_size,
                 "part_size": self.pooled_size, "sample_per_part": self.sample_per_part,
                 "trans_std": self.trans_std}
+
+    @property
+    def check_items(self):
+        """The NumPy reference holds every sample of a RoI (output_dim x bins
+        x samples): up to ROI_CHECK RoIs, fewer when that passes
+        PSROI_CHECK_SAMPLES samples."""
+        per_roi = self.output_dim * self.pooled_size**2 * self.sample_per_part**2
+        return max(1, min(ROI_CHECK, PSROI_CHECK_SAMPLES // per_roi))
 
     def forward_options(self):
         return {"return_count": True}   # as the bridges do: the backward takes the count

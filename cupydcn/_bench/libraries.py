@@ -108,14 +108,16 @@ class CupydcnRunner(Runner):
     def prepare(self, host):
         return {k: None if v is None else self.platform.to_device(v) for k, v in host.items()}
 
-    def _bound(self, d):
+    def arguments(self, d):
+        """The forward's arguments by name (``spec.bind``): the arrays of
+        ``d`` and the case's parameters."""
         return self.spec.bind(**{n: d.get(n) for n in self.spec.arrays}, **self.case.params())
 
     def _forward(self, d):
         import cupydcn
 
         forward = getattr(cupydcn, self.spec.name)
-        return forward(**self._bound(d), **self.case.forward_options(),
+        return forward(**self.arguments(d), **self.case.forward_options(),
                        algorithm=self.algorithm)
 
     def _passed_on(self, outputs):
@@ -129,7 +131,7 @@ class CupydcnRunner(Runner):
         import cupydcn
 
         backward = getattr(cupydcn, f"{self.spec.name}_backward")
-        return backward(d["grad_output"], **self._bound(d), **passed_on,
+        return backward(d["grad_output"], **self.arguments(d), **passed_on,
                         deterministic=self.deterministic, algorithm=self.algorithm)
 
     def run(self, which, i):

@@ -59,7 +59,7 @@ def resolve_algorithm(runner, host, platform):
     from cupydcn import _dispatch
 
     spec = runner.spec
-    geo = spec.check(**runner._bound(host))
+    geo = spec.check(**runner.arguments(host))
     forward = _dispatch.choose(spec.name, platform.on_gpu, geo, runner.algorithm)[0].name
     backward = _dispatch.choose(spec.name, platform.on_gpu, geo, runner.algorithm,
                                 runner.deterministic)[0].name
