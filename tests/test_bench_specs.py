@@ -251,3 +251,25 @@ def test_module_entry_point():
                              "1,8,8,8"], cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr
     assert result.stdout == "conv 1x8x8x8 k3\n"
+
+
+# ---- GPU tier: the implementations side by side (no speed asserted) --------
+
+
+@pytest.mark.gpu
+def test_gpu_algorithms_and_psroi_smoke_run(tmp_path):
+    path = tmp_path / "r.json"
+    out, err = io.StringIO(), io.StringIO()
+    argv = ["--case", "2,16,12,13", "--psroi", "16,18,10,12,3,3", "--reps", "3", "--warmup",
+            "1", "--dtype", "float32", "--no-torch", "--json", str(path)]
+    for name in ("im2col", "im2col_deterministic", "bins", "bins_deterministic", "reference"):
+        argv += ["--algorithm", name]
+    status = _bench.main(argv, out=out, err=err)
+    assert status == 0, out.getvalue()
+    rows = json.loads(path.read_text())["results"]
+    timed = {(r["spec"]["kind"], r["algorithm"]) for r in rows if "median_ms" in r["cupydcn"]}
+    assert timed == {("conv", "im2col"), ("conv", "im2col_deterministic"), ("psroi", "bins"),
+                     ("psroi", "bins_deterministic")}
+    # the NumPy reference does not run on CuPy arrays: not applicable, not a failure
+    assert {r["cupydcn"]["status"] for r in rows if r["algorithm"] == "reference"} == {
+        "unsupported"}
