@@ -41,7 +41,7 @@ Adding an op kind is one case class in :mod:`.cases` (and its line in the
 suites); a new implementation of an op needs nothing here.
 """
 
-from cupydcn._bench.cases import (KINDS, MAX_SETS, QUICK_SUITE, ROI_CHECK, SUITE, Comparison,
+from cupydcn._bench.cases import (MAX_SETS, QUICK_SUITE, ROI_CHECK, SUITE, Comparison,
                                   ConvCase, PSRoICase, RoICase, choose_sets, make_inputs,
                                   parse_case, parse_psroi, parse_roi)
 from cupydcn._bench.cli import (DEFAULT_REPS, DEFAULT_WARMUP, QUICK_REPS, QUICK_WARMUP, Options,
@@ -57,7 +57,7 @@ from cupydcn._bench.runner import TF32_TOLERANCE, Report, bench_case, case_algor
 
 __all__ = [
     "Baselines", "Comparison", "ConvCase", "CpuPlatform", "CudaClock", "CupydcnRunner",
-    "DEFAULT_REPS", "DEFAULT_WARMUP", "FakeClock", "GpuPlatform", "KINDS", "LIBRARIES",
+    "DEFAULT_REPS", "DEFAULT_WARMUP", "FakeClock", "GpuPlatform", "LIBRARIES",
     "MAX_SETS", "Options", "PASSES", "PSRoICase", "Progress", "QUICK_REPS", "QUICK_SUITE",
     "QUICK_WARMUP", "ROI_CHECK", "Report", "RoICase", "SUITE", "TABLE_COLUMNS",
     "TF32_TOLERANCE", "TorchRunner", "UsageError", "bench_case", "build_parser",

@@ -101,9 +101,11 @@ class _Case:
         return {}
 
     def comparisons(self):
+        """The comparison libraries (:class:`Comparison`), in column order."""
         return ()
 
     def reference_name(self, key, baselines):
+        """What the reference of ``key`` is, for the gate's line and the JSON."""
         return f"NumPy reference, first {min(self.R, self.check_items)} RoIs"
 
     def reference(self, key, host64, baselines, platform):
@@ -387,9 +389,6 @@ class PSRoICase(_Case):
         }
 
 
-KINDS = {cls.kind: cls for cls in (ConvCase, RoICase, PSRoICase)}
-
-
 def _conv(B, C, H, W):
     return ConvCase(B, C, H, W, C)
 
@@ -480,7 +479,8 @@ def parse_case(text):
     (``dil*(k-1)//2``, 1 for 3x3), dilation 1, one group, one offset group,
     DCNv2 (mask) with bias; ``v1`` drops the mask, ``nobias`` the bias. The
     pair fields take ``3`` or ``3x1``."""
-    v, flags = _parse_fields(text, _CONV_FIELDS, {"v1", "nobias"}, ConvCase.syntax, "--case")
+    v, flags = _parse_fields(text, _CONV_FIELDS, {"v1", "nobias"}, ConvCase.syntax,
+                             ConvCase.option)
     kernel = v.get("k", (3, 3))
     dilation = v.get("dil", (1, 1))
     padding = v.get("pad", tuple(d * (k - 1) // 2 for d, k in zip(dilation, kernel)))
@@ -502,7 +502,7 @@ def parse_case(text):
 def parse_roi(text):
     """A :class:`RoICase` from ``R,C,H,W[,bins[,images[,sampling]]][,v1]``
     (defaults: 7x7 bins, 2 images, adaptive sampling (0), modulated)."""
-    v, flags = _parse_fields(text, _ROI_FIELDS, {"v1"}, RoICase.syntax, "--roi")
+    v, flags = _parse_fields(text, _ROI_FIELDS, {"v1"}, RoICase.syntax, RoICase.option)
     return RoICase(v["R"], v["C"], v["H"], v["W"], v.get("bins", (7, 7)), v.get("images", 2),
                    v.get("sampling", 0), mask="v1" not in flags)
 
@@ -511,7 +511,8 @@ def parse_psroi(text):
     """A :class:`PSRoICase` from ``R,C,H,W[,bins[,group[,images[,samples]]]][,notrans]``
     (defaults: 7x7 bins, group 1, 2 images, 4x4 samples per bin, with trans);
     C must be a multiple of group**2 (``output_dim = C / group**2``)."""
-    v, flags = _parse_fields(text, _PSROI_FIELDS, {"notrans"}, PSRoICase.syntax, "--psroi",
+    v, flags = _parse_fields(text, _PSROI_FIELDS, {"notrans"}, PSRoICase.syntax,
+                             PSRoICase.option,
                              pairs=())
     case = PSRoICase(v["R"], v["C"], v["H"], v["W"], v.get("bins", 7), v.get("group", 1),
                      v.get("images", 2), v.get("samples", 4), trans="notrans" not in flags)
