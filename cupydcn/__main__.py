@@ -24,17 +24,17 @@ def _parser():
     commands.add_parser(
         "check", description=_CHECK,
         help="report the GPU and CuPy found, run every op and compare with the reference")
-    commands.add_parser("bench", help="time every op against torchvision and cuDNN (GPU); "
-                                      "cupydcn bench --help for its options")
+    commands.add_parser("bench", help="time every op and implementation against torchvision "
+                                      "and cuDNN (GPU); cupydcn bench --help for its options")
     return parser
 
 
 def main(argv=None):
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv[:1] == ["bench"]:  # the bench parses its own arguments, in their order
-        from cupydcn import _bench
+        from cupydcn._bench import cli
 
-        return _bench.main(argv[1:])
+        return cli.main(argv[1:])
     parser = _parser()
     args = parser.parse_args(argv)
     if args.command is None:  # no command: say which there are
