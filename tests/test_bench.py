@@ -25,30 +25,10 @@ from cupydcn import _bench
 
 ROOT = __import__("pathlib").Path(__file__).resolve().parent.parent
 TINY = ["--case", "2,4,6,7", "--roi", "5,3,8,9,2", "--reps", "5", "--warmup", "1"]
-FAKE_MS = {"cupydcn": 1.0, "torchvision": 2.0, "dense": 0.5}
+FAKE_MS = _bench.FakeClock.MS    # by column: cupydcn 1 ms, torchvision 2 ms, dense 0.5 ms
 HAS_TORCH = importlib.util.find_spec("torch") is not None
 needs_torch = pytest.mark.skipif(not HAS_TORCH, reason="torch is not installed")
-
-
-class FakeClock:
-    """Made-up times (by column: cupydcn 1 ms, torchvision 2 ms, dense 0.5 ms)
-    and memory; it still calls every op, on the first and the last input set."""
-
-    name = "fake clock"
-
-    def __init__(self):
-        self.timed = []
-
-    def time(self, fn, *, library, sets, warmup, reps, label=""):
-        self.timed.append(label)
-        fn(0)
-        fn(sets - 1)
-        base = FAKE_MS[label.split()[0]]
-        return [base * (1 + 0.01 * k) for k in range(reps)]
-
-    def peak_bytes(self, fn, *, library, label=""):
-        fn()
-        return 3 * 2**20
+FakeClock = _bench.FakeClock     # made-up times and memory; still calls every op
 
 
 def bench(argv, clock=None):
