@@ -150,10 +150,10 @@ def test_grad_of_part_runs_only_that_half_of_the_backward(monkeypatch):
         return dcn.deform_conv2d(x, arrays["offset"], w, padding=1).sum()
 
     jax.jit(jax.grad(loss, argnums=0))(arrays["input"], arrays["weight"]).block_until_ready()
-    assert calls == [("input", "mask", "offset")]
+    assert calls == [("input", "offset")]  # no mask given: not asked for
     calls.clear()
     jax.jit(jax.grad(loss, argnums=1))(arrays["input"], arrays["weight"]).block_until_ready()
-    assert calls == [("bias", "weight")]
+    assert calls == [("weight",)]  # no bias given
 
 
 def test_inputs_cross_without_a_copy_under_jit(monkeypatch):
@@ -198,10 +198,16 @@ def vmapped_conv_arrays(V=3, case=CONV_CASES[0]):
     return cases, stacked, cases[0][2]
 
 
+def fold(a):
+    """A vmapped array with its vmapped axis folded into the batch."""
+    return a.reshape(-1, *a.shape[2:])
+
+
 def test_vmap_folds_into_the_batch(monkeypatch):
     """vmap over input, offset and mask with a shared weight: one core call
     with the vmapped axis folded into the batch, forward and backward, nested
-    vmap included."""
+    vmap included; the results are that call's (the host-built kernels' GEMM
+    may round a batch of 6 differently from three batches of 2)."""
     forward = count_calls(monkeypatch, _deform_conv, "deform_conv2d")
     backward = count_calls(monkeypatch, _deform_conv, "deform_conv2d_backward")
     cases, s, params = vmapped_conv_arrays()
@@ -212,9 +218,10 @@ def test_vmap_folds_into_the_batch(monkeypatch):
 
     out = jax.jit(jax.vmap(conv))(s["input"], s["offset"], s["mask"])
     assert forward == [3 * 2]
-    for v, (arrays, _, _) in enumerate(cases):
-        assert_same(out[v], cupydcn.deform_conv2d(arrays["input"], arrays["offset"], weight, bias,
-                                                  mask=arrays["mask"], **params), f"[{v}]")
+    folded = [fold(s[n]) for n in ("input", "offset", "mask")]
+    expected = cupydcn.deform_conv2d(folded[0], folded[1], weight, bias, mask=folded[2],
+                                     **params)
+    assert_same(numpy.asarray(out), expected.reshape(out.shape), "folded")
     nested = jax.vmap(jax.vmap(conv))(*(s[n].reshape(1, 3, *s[n].shape[1:])
                                         for n in ("input", "offset", "mask")))
     assert forward[1:] == [3 * 2]
@@ -222,11 +229,9 @@ def test_vmap_folds_into_the_batch(monkeypatch):
     grad_input = jax.jit(jax.grad(lambda x: jax.vmap(conv)(x, s["offset"], s["mask"]).sum()))(
         s["input"])
     assert backward == [3 * 2]  # no weight gradient asked for under jit: only the data half
-    for v, (arrays, _, _) in enumerate(cases):
-        g = cupydcn.deform_conv2d_backward(numpy.ones((2, 6, 7, 6), numpy.float32),
-                                           arrays["input"], arrays["offset"], weight, bias,
-                                           mask=arrays["mask"], **params)
-        assert_same(grad_input[v], g.input, f"grad[{v}]")
+    g = cupydcn.deform_conv2d_backward(numpy.ones(expected.shape, numpy.float32), folded[0],
+                                       folded[1], weight, bias, mask=folded[2], **params)
+    assert_same(numpy.asarray(grad_input), g.input.reshape(grad_input.shape), "grad")
 
 
 def test_vmap_runs_per_element_where_it_cannot_fold(monkeypatch):
@@ -269,7 +274,9 @@ def test_per_example_gradients():
 @pytest.mark.parametrize("dtype", DTYPES, ids=dtype_name)
 def test_vmap_of_vjp_in_every_dtype(dtype):
     """jit(vmap(vjp)) over input, offset and mask with a shared weight and bias:
-    each element's output and gradients are the core's for that element."""
+    the output and the input, offset and mask gradients are the core's for
+    the folded batch, the weight and bias gradients the core's for each
+    element."""
     cases = [conv_case(CONV_CASES[0], dtype, seed=s) for s in range(2)]
     weight, bias = cases[0][0]["weight"], cases[0][0]["bias"]
     params = cases[0][2]
@@ -284,14 +291,22 @@ def test_vmap_of_vjp_in_every_dtype(dtype):
         out, grads = jax.jit(jax.vmap(one))(
             *(numpy.stack([c[0][n] for c in cases]) for n in ("input", "offset", "mask")),
             numpy.stack([c[1] for c in cases]))
+    folded = {n: numpy.concatenate([c[0][n] for c in cases]) for n in ("input", "offset", "mask")}
+    args = (folded["input"], folded["offset"], weight, bias)
+    expected = cupydcn.deform_conv2d(*args, mask=folded["mask"], **params)
+    assert_same(numpy.asarray(out), expected.reshape(out.shape), "forward")
+    expected = cupydcn.deform_conv2d_backward(numpy.concatenate([c[1] for c in cases]), *args,
+                                              mask=folded["mask"], **params)
+    for name, grad in zip(CONV_NAMES, grads):
+        if name in folded:
+            assert_same(numpy.asarray(grad), getattr(expected, name).reshape(grad.shape), name)
     for v, (arrays, cotangent, _) in enumerate(cases):
-        args = (arrays["input"], arrays["offset"], weight, bias)
-        assert_same(out[v], cupydcn.deform_conv2d(*args, mask=arrays["mask"], **params),
-                    f"forward[{v}]")
-        expected = cupydcn.deform_conv2d_backward(cotangent, *args, mask=arrays["mask"],
-                                                  **params)
+        expected = cupydcn.deform_conv2d_backward(
+            cotangent, arrays["input"], arrays["offset"], weight, bias, mask=arrays["mask"],
+            wrt=("weight", "bias"), **params)
         for name, grad in zip(CONV_NAMES, grads):
-            assert_same(grad[v], getattr(expected, name), f"{name}[{v}]")
+            if name not in folded:
+                assert_same(grad[v], getattr(expected, name), f"{name}[{v}]")
 
 
 # --------------------------------------------------------------------------
