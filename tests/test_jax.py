@@ -7,7 +7,10 @@ dtype table's tolerance of the float64 reference; eagerly, under ``jit``,
 ``grad`` (``jax.vjp``) and ``vmap``. float64 runs inside ``jax.enable_x64``
 (scoped: no global config leaks to other tests).
 GPU tier (marker ``gpu``): the same on a CUDA device, and that the core reads
-JAX's own buffers (pointer equality) on XLA's stream under ``jit``.
+JAX's own buffers (pointer equality) on XLA's stream under ``jit`` and
+writes its results into XLA's output buffers (no copy). ``algorithm=``
+selects each implementation through the bridge; a result the core does not
+write into its output buffer is copied into place.
 """
 
 import re
@@ -521,6 +524,147 @@ def test_bad_roi_batch_index_is_reported_when_running():
 
 
 # --------------------------------------------------------------------------
+# algorithm=, and the core writing into XLA's output buffers
+# --------------------------------------------------------------------------
+
+OPS = ("deform_conv2d", "deform_roi_pool", "deform_psroi_pool")
+
+
+def op_case(op, dtype):
+    """(bridge function, arrays, cotangent, params, core forward, core
+    backward) of a small call of ``op``; every function takes the arrays and
+    params by name."""
+    if op == "deform_conv2d":
+        arrays, cotangent, params = conv_case(CONV_CASES[0], dtype)
+        return (dcn.deform_conv2d, arrays, cotangent, params, cupydcn.deform_conv2d,
+                cupydcn.deform_conv2d_backward)
+    if op == "deform_roi_pool":
+        arrays, cotangent, params = roi_case(dtype)
+        return (dcn.deform_roi_pool, arrays, cotangent, params, cupydcn.deform_roi_pool,
+                cupydcn.deform_roi_pool_backward)
+    arrays, cotangent = psroi_case(dtype)
+    return (dcn.deform_psroi_pool, arrays, cotangent, PSROI_PARAMS, cupydcn.deform_psroi_pool,
+            cupydcn.deform_psroi_pool_backward)
+
+
+def spy_choices(monkeypatch):
+    """The ``algorithm`` of every dispatcher choice."""
+    from cupydcn import _dispatch
+
+    seen = []
+    choose = _dispatch.choose
+
+    def spy(op, on_gpu, geo, algorithm=None, *args, **kwargs):
+        seen.append(algorithm)
+        return choose(op, on_gpu, geo, algorithm, *args, **kwargs)
+
+    monkeypatch.setattr(_dispatch, "choose", spy)
+    return seen
+
+
+@pytest.mark.parametrize("mode", ["eager", "jit"])
+@pytest.mark.parametrize("op,algorithm", [(op, name) for op in OPS
+                                          for name in cupydcn.algorithms(op)])
+def test_algorithm_selects_the_implementation(op, algorithm, mode, monkeypatch):
+    """Each implementation available here runs the forward and the backward
+    through the bridge: the core's numbers for that algorithm exactly, and
+    the reference's within float64's tolerance."""
+    function, arrays, cotangent, params, core, core_backward = op_case(op, F64)
+    seen = spy_choices(monkeypatch)
+    with precision(F64):
+        out, grads = run(lambda **a: function(**a, **params, algorithm=algorithm), arrays,
+                         cotangent, mode)
+    assert seen and set(seen) == {algorithm}, seen  # forward and backward alike
+    expected = core(**arrays, **params, algorithm=algorithm)
+    exact = core(**arrays, **params, algorithm="reference")
+    expected_grads = core_backward(cotangent, **arrays, **params, algorithm=algorithm)
+    exact_grads = core_backward(cotangent, **arrays, **params, algorithm="reference")
+    assert_same(out, expected, "forward")
+    assert_close(out, exact, F64, "forward against the reference")
+    for name, grad in expected_grads._asdict().items():
+        if grad is not None:
+            assert_same(grads[name], grad, name)
+            assert_close(grads[name], getattr(exact_grads, name), F64, f"{name} (reference)")
+
+
+@pytest.mark.parametrize("mode", ["eager", "jit"])
+@pytest.mark.parametrize("op", OPS)
+def test_unknown_algorithm_names_those_that_exist(op, mode):
+    function, arrays, _, params, _, _ = op_case(op, numpy.float32)
+    call = lambda **a: function(**a, **params, algorithm="winograd")  # noqa: E731
+    if mode == "jit":
+        call = jax.jit(call)
+    names = ", ".join(cupydcn.algorithms(op))
+    with pytest.raises(cupydcn.ArgumentError,
+                       match=re.escape(f"algorithm must be None or one of {names} for {op}, "
+                                       f"got 'winograd'")):
+        call(**arrays)
+
+
+def spy_stores(monkeypatch):
+    """The results the bridge had to copy into XLA's buffers."""
+    stores = []
+    store = dcn._store
+
+    def spy(out, result):
+        stores.append(result.shape)
+        return store(out, result)
+
+    monkeypatch.setattr(dcn, "_store", spy)
+    return stores
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=dtype_name)
+@pytest.mark.parametrize("op", OPS)
+def test_core_writes_into_xlas_output_buffers(op, dtype, monkeypatch):
+    """Forward and backward, under jit and vmap (folded and per element): the
+    core allocates its results as XLA's output buffers, so none is copied."""
+    stores = spy_stores(monkeypatch)
+    function, arrays, cotangent, params, core, core_backward = op_case(op, dtype)
+    with precision(dtype):
+        out, grads = run(lambda **a: function(**a, **params), arrays, cotangent, "jit")
+        if op == "deform_conv2d":
+            vmapped = {k: v if k in ("weight", "bias") else numpy.stack([v, v])
+                       for k, v in arrays.items()}
+            folded = jax.jit(jax.vmap(lambda x, o, m: function(x, o, arrays["weight"],
+                                                               arrays["bias"], mask=m, **params)))(
+                vmapped["input"], vmapped["offset"], vmapped["mask"])
+            per_element = jax.vmap(lambda w: function(arrays["input"], arrays["offset"], w,
+                                                      **params))(vmapped["weight"][None])
+    assert stores == []
+    assert_same(out, core(**arrays, **params), "forward")
+    for name, grad in core_backward(cotangent, **arrays, **params)._asdict().items():
+        if grad is not None:
+            assert_same(grads[name], grad, name)
+    if op == "deform_conv2d":
+        expected = core(fold(vmapped["input"]), fold(vmapped["offset"]), arrays["weight"],
+                        arrays["bias"], mask=fold(vmapped["mask"]), **params)
+        assert_same(numpy.asarray(folded), expected.reshape(folded.shape), "vmap, folded")
+        assert_same(numpy.asarray(per_element[0]),
+                    core(arrays["input"], arrays["offset"], arrays["weight"], **params),
+                    "vmap, per element")
+
+
+@pytest.mark.parametrize("dtype", [numpy.float32, numpy.float16], ids=dtype_name)
+def test_results_allocated_out_of_order_are_copied_into_place(dtype, monkeypatch):
+    """input and offset of one shape: in float16 the core allocates the offset
+    gradient before the input gradient (which it converts from float32 at the
+    end), so each takes the other's buffer first; the bridge puts them right."""
+    stores = spy_stores(monkeypatch)
+    rng = numpy.random.default_rng(7)
+    x = rng.standard_normal((1, 18, 5, 5)).astype(dtype)
+    offset = rng.uniform(-1, 1, (1, 18, 5, 5)).astype(dtype)
+    weight = rng.standard_normal((2, 18, 3, 3)).astype(dtype)
+    cotangent = rng.standard_normal((1, 2, 5, 5)).astype(dtype)
+    arrays = dict(input=x, offset=offset, weight=weight)
+    _, grads = run(lambda **a: dcn.deform_conv2d(**a, padding=1), arrays, cotangent, "jit")
+    expected = cupydcn.deform_conv2d_backward(cotangent, x, offset, weight, padding=1)
+    for name in arrays:
+        assert_same(grads[name], getattr(expected, name), name)
+    assert len(stores) == (2 if dtype == numpy.float16 else 0), stores
+
+
+# --------------------------------------------------------------------------
 # GPU tier: JAX on CUDA
 # --------------------------------------------------------------------------
 
@@ -536,11 +680,13 @@ def jax_gpu():
 @pytest.mark.parametrize("dtype", DTYPES, ids=dtype_name)
 def test_gpu_zero_copy_on_xlas_stream(dtype, monkeypatch):
     """Under jit on a CUDA device the core gets CuPy views of JAX's buffers
-    (same addresses) and runs on XLA's stream (not CuPy's default stream);
+    (same addresses), runs on XLA's stream (not CuPy's default stream) and
+    writes its results into XLA's output buffers (no result is copied);
     results and gradients match the float64 reference."""
     import cupy
 
     device = jax_gpu()
+    stores = spy_stores(monkeypatch)
     seen = {}
     core = _deform_conv.deform_conv2d
 
@@ -561,6 +707,7 @@ def test_gpu_zero_copy_on_xlas_stream(dtype, monkeypatch):
         assert out.devices() == {device}
         _, grads = run(lambda **a: dcn.deform_conv2d(**a, **params), on_gpu,
                        jax.device_put(cotangent, device), "jit")
+    assert stores == []
     exact = {k: None if v is None else rounded(v, dtype) for k, v in arrays.items()}
     geometry = (params["stride"], params["padding"], params["dilation"])
     exact_args = [exact[n] for n in CONV_NAMES[:4]]
@@ -573,8 +720,9 @@ def test_gpu_zero_copy_on_xlas_stream(dtype, monkeypatch):
 
 
 @pytest.mark.gpu
-def test_gpu_roi_ops_and_vmap():
+def test_gpu_roi_ops_and_vmap(monkeypatch):
     device = jax_gpu()
+    stores = spy_stores(monkeypatch)
     arrays, cotangent, params = roi_case(numpy.float32)
     on_gpu = {k: jax.device_put(v, device) for k, v in arrays.items()}
     out, grads = run(lambda **a: dcn.deform_roi_pool(**a, **params), on_gpu,
@@ -599,3 +747,4 @@ def test_gpu_roi_ops_and_vmap():
                                            conv_params["padding"], conv_params["dilation"],
                                            a["mask"])
         assert_close(numpy.asarray(out[v]), expected, numpy.float32, f"vmap[{v}]")
+    assert stores == []  # every result written by the core into XLA's buffers
