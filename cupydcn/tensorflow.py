@@ -14,8 +14,9 @@ arguments, then ``data_format`` and ``algorithm`` (None, or a name from
   bridge waits for TensorFlow's pending GPU work before the kernels read its
   tensors and for CuPy's stream before TensorFlow reads the results.
 * CPU tensors go to the core's CPU backend (``cupydcn.set_cpu_backend``)
-  without a copy (``numpy.from_dlpack`` of the tensor); results return through a NumPy DLPack capsule when their
-  memory has the 64-byte alignment TensorFlow's kernels need, else as a copy.
+  without a copy (``numpy.from_dlpack`` of the tensor); results return
+  through a NumPy DLPack capsule when their memory has the 64-byte alignment
+  TensorFlow's kernels need, else as a copy.
 * bfloat16, which neither NumPy nor CuPy import through DLPack, travels as its
   uint16 bit pattern (``tf.bitcast``) and is viewed as ``ml_dtypes.bfloat16``.
 * Inside ``tf.function`` (Keras ``model.fit``) the core runs in a
@@ -332,11 +333,10 @@ def _call(spec, args, kwargs):
 
 
 def _signature(spec):
-    parameters = [inspect.Parameter(a.name, inspect.Parameter.POSITIONAL_OR_KEYWORD,
-                                    **({} if a.default is _ops.REQUIRED else {"default": a.default}))
-                  for a in spec.args]
-    parameters += [inspect.Parameter(key, inspect.Parameter.POSITIONAL_OR_KEYWORD, default=value)
-                   for key, value in _OPTIONS.items()]
+    kind = inspect.Parameter.POSITIONAL_OR_KEYWORD
+    parameters = [inspect.Parameter(a.name, kind) if a.default is _ops.REQUIRED else
+                  inspect.Parameter(a.name, kind, default=a.default) for a in spec.args]
+    parameters += [inspect.Parameter(key, kind, default=value) for key, value in _OPTIONS.items()]
     return inspect.Signature(parameters)
 
 
@@ -359,7 +359,8 @@ _ALGORITHM_DOC = """algorithm: None (the automatic choice) or the name of one of
 # The docstrings say what each op means on TensorFlow tensors (the layouts);
 # an op without one here gets its core function's.
 _DOCS = {
-    "deform_conv2d": """Deformable convolution v1, or v2 with ``mask``, differentiable in all inputs.
+    "deform_conv2d": """Deformable convolution v1, or v2 with ``mask``, differentiable in
+    all inputs.
 
     ``cupydcn.deform_conv2d``'s numbers (torchvision's, docs/semantics.md §2) on
     TensorFlow tensors, CUDA kernels on the GPU and the CPU backend on the
@@ -381,8 +382,8 @@ _DOCS = {
     Returns:
         (B, Ho, Wo, Cout) tensor, or (B, Cout, Ho, Wo) with channels_first.
     """,
-    "deform_roi_pool": """Deformable RoI pooling, RoIAlign style (mmcv's), or modulated with ``mask``;
-    differentiable in ``input``, ``offset`` and ``mask`` (not in ``rois``).
+    "deform_roi_pool": """Deformable RoI pooling, RoIAlign style (mmcv's), or modulated
+    with ``mask``; differentiable in ``input``, ``offset`` and ``mask`` (not in ``rois``).
 
     ``cupydcn.deform_roi_pool``'s numbers (docs/semantics.md §3) on TensorFlow
     tensors. Without offset and mask this is RoIAlign with ``aligned=True``.
