@@ -315,14 +315,15 @@ def _call(spec, args, kwargs):
         acc = tf.as_dtype(_validation.dtype_of(_spec(first), spec.arrays[0]).acc)
         dtypes.update({name: acc for name in spec.acc_outputs})
     every_output = {f"return_{name}": True for name in spec.outputs[1:]}
+    taken = {a.name for a in spec.backward_args}  # the saved outputs the backward takes
 
     def forward(**arrays):
         out = spec.forward(**arrays, **params, **every_output, algorithm=algorithm)
         return out if isinstance(out, tuple) else (out,)
 
     def backward(grad_output, *saved, **arrays):
-        grads = spec.backward(grad_output, **arrays, **params,
-                              **dict(zip(spec.outputs[1:], saved)), algorithm=algorithm)
+        saved = {n: a for n, a in zip(spec.outputs[1:], saved) if n in taken}
+        grads = spec.backward(grad_output, **arrays, **params, **saved, algorithm=algorithm)
         return grads._asdict()
 
     out = _differentiable(

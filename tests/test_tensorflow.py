@@ -1,9 +1,10 @@
 """cupydcn.tensorflow: the TensorFlow bridge against the array-in, array-out core.
 
-CPU tier: TensorFlow CPU tensors run the core's NumPy reference, so every
+CPU tier: TensorFlow CPU tensors run the core's CPU backend, so every
 result and gradient must equal what the core returns for the same NumPy
 arrays, bit for bit (the bridge adds no numerics): both data formats, eagerly
-and inside ``tf.function`` (where the core runs in a ``tf.py_function``).
+and inside ``tf.function`` (where the core runs in a ``tf.py_function``);
+``algorithm=`` selects each implementation, forward and backward.
 GPU tier (marker ``gpu``): the same comparison for GPU tensors, where
 TensorFlow sees a GPU (the GPU test machine has no TensorFlow today, so this
 is skipped there too).
