@@ -10,13 +10,19 @@ own buffers:
 
 * on a GPU, the buffers become CuPy arrays on the same device memory (no copy)
   and the core runs its CUDA kernels on XLA's stream (the one the callback is
-  given), so the op is ordered with the rest of the jitted program; each
-  result is copied once, on that stream, into the output buffer XLA
-  allocated. The core's temporaries come from CuPy's memory pool, next to
-  XLA's: give CuPy room (``XLA_PYTHON_CLIENT_PREALLOCATE=false``, or a
+  given), so the op is ordered with the rest of the jitted program, and
+  writes its results straight into the output buffers XLA allocated
+  (``cupydcn._arrays.output_allocator``: no copy). The core's temporaries
+  come from CuPy's memory pool, next to XLA's: give CuPy room
+  (``XLA_PYTHON_CLIENT_PREALLOCATE=false``, or a
   ``XLA_PYTHON_CLIENT_MEM_FRACTION`` below the default 0.75);
 * on the CPU, the buffers become NumPy arrays (no copy) and the core runs
-  its CPU path (the NumPy reference).
+  its CPU backend (``cupydcn.set_cpu_backend``), writing into XLA's output
+  buffers the same way.
+
+Every op takes ``algorithm=None`` (the automatic choice) or the name of one
+of ``cupydcn.algorithms(op)``, used by the forward and the backward; a name
+that does not exist raises ``cupydcn.ArgumentError`` at the call.
 
 Shapes and dtypes are checked by ``cupydcn._validation`` when the function
 is traced (they are static under ``jit``), so a mistake raises the core's
@@ -54,7 +60,7 @@ import jax
 import jax.numpy as jnp
 import numpy
 
-from cupydcn import _deform_conv, _roi_pool, _validation
+from cupydcn import _arrays, _deform_conv, _ops, _roi_pool, _validation
 
 try:
     from jax.experimental.buffer_callback import buffer_callback
@@ -100,7 +106,9 @@ def _core_array(buffer):
 
 def _store(out, result):
     """Copy the core's ``result`` into ``out``, a view of an output buffer, on
-    the current stream; a byte copy, so every dtype is copied as it is."""
+    the current stream; a byte copy, so every dtype is copied as it is (only
+    for a result the core did not write into its buffer, see
+    :meth:`_Callback._write`)."""
     if result.shape != out.shape or result.dtype != out.dtype:  # a bridge bug, never the user's
         raise AssertionError(f"core result {result.dtype}{result.shape} does not fit the output "
                              f"buffer {out.dtype}{out.shape}")
@@ -165,20 +173,40 @@ class _Callback:
             outs = [_core_array(b) for b in outs]
             lead = outs[0].shape[:first.ndim - self.ranks[position]]
             if not lead:
-                self._write(outs, self.function(*arrays))
+                self._write(outs, arrays)
             elif self._foldable(arrays, lead):
                 self._folded(arrays, outs, lead)
             else:
                 for index in numpy.ndindex(*lead):
-                    self._write([o[index] for o in outs],
-                                self.function(*(_element(a, index) for a in arrays)))
+                    self._write([o[index] for o in outs], [_element(a, index) for a in arrays])
 
-    @staticmethod
-    def _write(outs, results):
-        if len(outs) != len(results):  # a bridge bug, never the user's
-            raise AssertionError(f"{len(results)} core results for {len(outs)} outputs")
-        for out, result in zip(outs, results):
-            _store(out, result)
+    def _write(self, outs, arrays):
+        """``function(*arrays)`` with its results in ``outs`` (views of XLA's
+        output buffers): the core allocates each result as the next unused
+        buffer of its shape and dtype, so it writes there itself. A result
+        that ends up elsewhere (the core allocated its results in another
+        order than ``outs``, or converted one) is copied into place."""
+        pending = list(range(len(outs)))
+
+        def allocate(shape, dtype):
+            for i in pending:
+                if outs[i].shape == shape and outs[i].dtype == dtype:
+                    pending.remove(i)
+                    return i, outs[i]
+            xp = numpy if isinstance(outs[0], numpy.ndarray) else _cupy()
+            return "temporary", xp.empty(shape, dtype)
+
+        with _arrays.output_allocator(allocate) as owner:
+            results = self.function(*arrays)
+            if len(outs) != len(results):  # a bridge bug, never the user's
+                raise AssertionError(f"{len(results)} core results for {len(outs)} outputs")
+            places = [owner(r) for r in results]
+        # a result in another output's buffer moves out before any copy overwrites it
+        results = [r.copy() if isinstance(p, int) and p != i else r
+                   for i, (r, p) in enumerate(zip(results, places))]
+        for i, (out, result, place) in enumerate(zip(outs, results, places)):
+            if place != i:
+                _store(out, result)
 
     def _foldable(self, arrays, lead):
         if self.per_sample is None:
@@ -196,7 +224,7 @@ class _Callback:
                   a.reshape(-1, *a.shape[n + 1:]) if i in self.per_sample else
                   a.reshape(a.shape[n:])
                   for i, a in enumerate(arrays)]
-        self._write([o.reshape(-1, *o.shape[n + 1:]) for o in outs], self.function(*folded))
+        self._write([o.reshape(-1, *o.shape[n + 1:]) for o in outs], folded)
 
 
 def _element(array, index):
@@ -219,24 +247,26 @@ def _spec(shape, dtype):
 # --------------------------------------------------------------------------
 
 @functools.lru_cache(maxsize=None)
-def _conv_op(stride, padding, dilation):
+def _conv_op(stride, padding, dilation, algorithm):
     """The custom_vjp function of deform_conv2d for one geometry (cached, so
     that eager calls reuse their compiled callbacks)."""
     params = dict(stride=stride, padding=padding, dilation=dilation)
 
     def forward(input, offset, weight, bias, mask):
-        return (_deform_conv.deform_conv2d(input, offset, weight, bias, mask=mask, **params),)
+        return (_deform_conv.deform_conv2d(input, offset, weight, bias, mask=mask,
+                                           algorithm=algorithm, **params),)
 
     def data_grads(grad_output, input, offset, weight, mask):
         grads = _deform_conv.deform_conv2d_backward(
             grad_output, input, offset, weight, None, mask=mask,
-            wrt=("input", "offset") + (("mask",) if mask is not None else ()), **params)
+            wrt=("input", "offset") + (() if mask is None else ("mask",)), algorithm=algorithm,
+            **params)
         return tuple(g for g in (grads.input, grads.offset, grads.mask) if g is not None)
 
     def parameter_grads(grad_output, input, offset, weight, bias, mask):
         grads = _deform_conv.deform_conv2d_backward(
             grad_output, input, offset, weight, bias, mask=mask,
-            wrt=("weight",) + (("bias",) if bias is not None else ()), **params)
+            wrt=("weight",) + (() if bias is None else ("bias",)), algorithm=algorithm, **params)
         return tuple(g for g in (grads.weight, grads.bias) if g is not None)
 
     forward_call = _Callback(forward, (4, 4, 4, 1, 4), per_sample=(0, 1, 4))
@@ -272,7 +302,8 @@ def _conv_op(stride, padding, dilation):
     return op
 
 
-def deform_conv2d(input, offset, weight, bias=None, stride=1, padding=0, dilation=1, mask=None):
+def deform_conv2d(input, offset, weight, bias=None, stride=1, padding=0, dilation=1, mask=None,
+                  algorithm=None):
     """Deformable convolution (DCNv1), or modulated (DCNv2) with ``mask``:
     ``torchvision.ops.deform_conv2d``'s arguments and numbers (docs/semantics.md
     §2) on JAX arrays, differentiable in all five arrays.
@@ -287,6 +318,8 @@ def deform_conv2d(input, offset, weight, bias=None, stride=1, padding=0, dilatio
         bias: (Cout,) array or None.
         stride, padding, dilation: int or (h, w) pair.
         mask: (B, offset_groups*kh*kw, Ho, Wo) array or None (DCNv1).
+        algorithm: None (the automatic choice) or the name of one of
+            ``cupydcn.algorithms("deform_conv2d")``, forward and backward.
 
     Returns:
         (B, Cout, Ho, Wo) ``jax.Array`` of the input's dtype and device.
@@ -298,8 +331,9 @@ def deform_conv2d(input, offset, weight, bias=None, stride=1, padding=0, dilatio
     stride = _validation.pair(stride, "stride", 1)
     padding = _validation.pair(padding, "padding", 0)
     dilation = _validation.pair(dilation, "dilation", 1)
+    _ops.SPECS["deform_conv2d"].check_algorithm(algorithm)
     input, offset, weight, bias, mask = map(_array, (input, offset, weight, bias, mask))
-    return _conv_op(stride, padding, dilation)(input, offset, weight, bias, mask)
+    return _conv_op(stride, padding, dilation, algorithm)(input, offset, weight, bias, mask)
 
 
 # --------------------------------------------------------------------------
@@ -308,16 +342,17 @@ def deform_conv2d(input, offset, weight, bias=None, stride=1, padding=0, dilatio
 
 
 @functools.lru_cache(maxsize=None)
-def _roi_op(output_size, spatial_scale, sampling_ratio, gamma):
+def _roi_op(output_size, spatial_scale, sampling_ratio, gamma, algorithm):
     params = dict(output_size=output_size, spatial_scale=spatial_scale,
                   sampling_ratio=sampling_ratio, gamma=gamma)
 
     def forward(input, rois, offset, mask):
-        return (_roi_pool.deform_roi_pool(input, rois, offset, mask=mask, **params),)
+        return (_roi_pool.deform_roi_pool(input, rois, offset, mask=mask, algorithm=algorithm,
+                                          **params),)
 
     def backward(grad_output, input, rois, offset, mask):
         grads = _roi_pool.deform_roi_pool_backward(grad_output, input, rois, offset, mask=mask,
-                                                   **params)
+                                                   algorithm=algorithm, **params)
         return tuple(g for g in grads if g is not None)
 
     forward_call = _Callback(forward, (4, 2, 4, 4))
@@ -347,7 +382,7 @@ def _roi_op(output_size, spatial_scale, sampling_ratio, gamma):
 
 
 def deform_roi_pool(input, rois, offset=None, output_size=7, spatial_scale=1.0, sampling_ratio=0,
-                    gamma=0.1, mask=None):
+                    gamma=0.1, mask=None, algorithm=None):
     """Deformable RoI pooling, RoIAlign style (mmcv's ``deform_roi_pool``),
     modulated when ``mask`` is given; differentiable in input, offset and mask
     (the gradient of rois is zero). docs/semantics.md §3.
@@ -361,6 +396,8 @@ def deform_roi_pool(input, rois, offset=None, output_size=7, spatial_scale=1.0, 
         sampling_ratio: samples per bin per axis, 0 = adaptive.
         gamma: the offset scale.
         mask: (R, 1, ph, pw) array multiplying the output, or None.
+        algorithm: None (the automatic choice) or the name of one of
+            ``cupydcn.algorithms("deform_roi_pool")``, forward and backward.
 
     Returns:
         (R, C, ph, pw) ``jax.Array``. Without offset and mask this equals
@@ -369,23 +406,25 @@ def deform_roi_pool(input, rois, offset=None, output_size=7, spatial_scale=1.0, 
     input, rois, offset, mask = map(_array, (input, rois, offset, mask))
     geo = _validation.check_deform_roi_pool(input, rois, offset, output_size, spatial_scale,
                                             sampling_ratio, gamma, mask, check_batch=False)
-    op = _roi_op((geo.ph, geo.pw), geo.spatial_scale, geo.sampling_ratio, geo.gamma)
+    _ops.SPECS["deform_roi_pool"].check_algorithm(algorithm)
+    op = _roi_op((geo.ph, geo.pw), geo.spatial_scale, geo.sampling_ratio, geo.gamma, algorithm)
     return op(input, rois, offset, mask)
 
 
 @functools.lru_cache(maxsize=None)
 def _psroi_op(spatial_scale, output_dim, group_size, pooled_size, part_size, sample_per_part,
-              trans_std):
+              trans_std, algorithm):
     params = dict(spatial_scale=spatial_scale, output_dim=output_dim, group_size=group_size,
                   pooled_size=pooled_size, part_size=part_size, sample_per_part=sample_per_part,
                   trans_std=trans_std)
 
     def forward(input, rois, trans):
-        return _roi_pool.deform_psroi_pool(input, rois, trans, return_count=True, **params)
+        return _roi_pool.deform_psroi_pool(input, rois, trans, return_count=True,
+                                           algorithm=algorithm, **params)
 
     def backward(grad_output, count, input, rois, trans):
         grads = _roi_pool.deform_psroi_pool_backward(grad_output, input, rois, trans, count,
-                                                     **params)
+                                                     algorithm=algorithm, **params)
         return tuple(g for g in grads if g is not None)
 
     forward_call = _Callback(forward, (4, 2, 4))
@@ -417,7 +456,7 @@ def _psroi_op(spatial_scale, output_dim, group_size, pooled_size, part_size, sam
 
 def deform_psroi_pool(input, rois, trans=None, spatial_scale=1.0, output_dim=None, group_size=1,
                       pooled_size=7, part_size=0, sample_per_part=4, trans_std=0.0,
-                      return_count=False):
+                      return_count=False, algorithm=None):
     """Deformable position-sensitive RoI pooling, the official DCN operator
     (``DeformablePSROIPooling``; DCNv2's ``dcn_v2_pooling``), differentiable in
     input and trans (the gradient of rois is zero). docs/semantics.md §4.
@@ -431,6 +470,8 @@ def deform_psroi_pool(input, rois, trans=None, spatial_scale=1.0, output_dim=Non
         pooled_size, part_size (0: pooled_size), sample_per_part, trans_std:
             the operator's parameters.
         return_count: also return the samples counted per output element.
+        algorithm: None (the automatic choice) or the name of one of
+            ``cupydcn.algorithms("deform_psroi_pool")``, forward and backward.
 
     Returns:
         (R, output_dim, pooled_size, pooled_size) ``jax.Array``, and with
@@ -441,8 +482,9 @@ def deform_psroi_pool(input, rois, trans=None, spatial_scale=1.0, output_dim=Non
     geo = _validation.check_deform_psroi_pool(input, rois, trans, spatial_scale, output_dim,
                                               group_size, pooled_size, part_size,
                                               sample_per_part, trans_std, check_batch=False)
+    _ops.SPECS["deform_psroi_pool"].check_algorithm(algorithm)
     op = _psroi_op(geo.spatial_scale, geo.output_dim, geo.group_size, geo.pooled_size,
-                   geo.part_size, geo.sample_per_part, geo.trans_std)
+                   geo.part_size, geo.sample_per_part, geo.trans_std, algorithm)
     out, count = op(input, rois, trans)
     return (out, count) if return_count else out
 

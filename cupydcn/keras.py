@@ -15,8 +15,10 @@
 
 The layers run on the Keras "jax" backend (through ``cupydcn.jax``), the
 "torch" backend (through ``cupydcn.torch``) and the "tensorflow" backend
-(through ``cupydcn.tensorflow``): CUDA kernels for GPU tensors, the NumPy
-reference for CPU tensors. Other backends raise ValueError. The numbers are
+(through ``cupydcn.tensorflow``): CUDA kernels for GPU tensors, the CPU
+backend (``cupydcn.set_cpu_backend``) for CPU tensors. Other backends raise
+ValueError. Each layer takes ``algorithm=None`` (the automatic choice) or the
+name of one of ``cupydcn.algorithms(op)``, saved in its config. The numbers are
 those of docs/semantics.md (torchvision, mmcv); the deformable kernels run NCHW, so
 channels_last tensors are transposed around them. On the jax backend the
 layers are jit-compiled with the rest of the model (the ops are XLA buffer
@@ -43,7 +45,7 @@ import math
 import keras
 from keras import ops
 
-from cupydcn import _validation
+from cupydcn import _ops, _validation
 from cupydcn._validation import ArgumentError
 
 __all__ = ["DeformConv2D", "DeformRoIPool2D", "ModulatedDeformConv2D"]
@@ -79,9 +81,20 @@ def _supports_jit():
     return keras.backend.backend() == "jax"
 
 
-def _nchw_kwargs(backend):
-    # The TensorFlow bridge defaults to channels_last; the layers call it NCHW.
-    return {"data_format": "channels_first"} if backend == "tensorflow" else {}
+def _bridge_kwargs(backend, algorithm):
+    """The bridge's keywords besides the op's: NCHW for the TensorFlow bridge
+    (its default is channels_last), and ``algorithm`` when one was chosen."""
+    kwargs = {"data_format": "channels_first"} if backend == "tensorflow" else {}
+    if algorithm is not None:
+        kwargs["algorithm"] = algorithm
+    return kwargs
+
+
+def _algorithm(op, algorithm):
+    """``algorithm`` checked against ``op``'s implementations (the
+    dispatcher's error names those that exist)."""
+    _ops.SPECS[op].check_algorithm(algorithm)
+    return algorithm
 
 
 def _padding_arg(padding):
@@ -120,9 +133,10 @@ class _DeformConv2DBase(keras.layers.Layer):
                  groups=1, deform_groups=1, use_bias=True, activation=None, data_format=None,
                  kernel_initializer="glorot_uniform", bias_initializer="zeros",
                  offset_initializer="zeros", kernel_regularizer=None, bias_regularizer=None,
-                 kernel_constraint=None, bias_constraint=None, **kwargs):
+                 kernel_constraint=None, bias_constraint=None, algorithm=None, **kwargs):
         super().__init__(**kwargs)
         _check_backend()
+        self.algorithm = _algorithm("deform_conv2d", algorithm)
         self.filters = int(filters)
         self.kernel_size = _validation.pair(kernel_size, "kernel_size", 1)
         self.strides = _validation.pair(strides, "strides", 1)
@@ -247,7 +261,7 @@ class _DeformConv2DBase(keras.layers.Layer):
         out = bridge.deform_conv2d(_to_nchw(x, self.data_format), offset, weight, bias,
                                    stride=self.strides, padding=padding,
                                    dilation=self.dilation_rate, mask=mask,
-                                   **_nchw_kwargs(backend))
+                                   **_bridge_kwargs(backend, self.algorithm))
         out = _from_nchw(out, self.data_format)
         return self.activation(out) if self.activation is not None else out
 
@@ -276,6 +290,7 @@ class _DeformConv2DBase(keras.layers.Layer):
             "bias_regularizer": keras.regularizers.serialize(self.bias_regularizer),
             "kernel_constraint": keras.constraints.serialize(self.kernel_constraint),
             "bias_constraint": keras.constraints.serialize(self.bias_constraint),
+            "algorithm": self.algorithm,
         })
         return config
 
@@ -305,6 +320,9 @@ class DeformConv2D(_DeformConv2DBase):
         kernel_initializer, bias_initializer, kernel_regularizer,
         bias_regularizer, kernel_constraint, bias_constraint: as for Conv2D.
         offset_initializer: initializer of the offset branch's kernel ("zeros").
+        algorithm: None (the automatic choice) or the name of one of
+            ``cupydcn.algorithms("deform_conv2d")``, for the forward and the
+            backward (saved in ``get_config``).
 
     Input (B, H, W, C) (channels_first: (B, C, H, W)); output (B, Ho, Wo,
     filters) (channels_first: (B, filters, Ho, Wo)).
@@ -360,13 +378,17 @@ class DeformRoIPool2D(keras.layers.Layer):
             ``deform_fc_channels``, 1024).
         data_format: None (Keras's image_data_format), "channels_last" or
             "channels_first".
+        algorithm: None (the automatic choice) or the name of one of
+            ``cupydcn.algorithms("deform_roi_pool")``, for the forward and the
+            backward (saved in ``get_config``).
     """
 
     def __init__(self, output_size, spatial_scale=1.0, sampling_ratio=0, gamma=0.1,
                  learn_offsets=False, modulated=False, fc_channels=1024, data_format=None,
-                 **kwargs):
+                 algorithm=None, **kwargs):
         super().__init__(**kwargs)
         _check_backend()
+        self.algorithm = _algorithm("deform_roi_pool", algorithm)
         self.output_size = _validation.pair(output_size, "output_size", 1)
         self.spatial_scale = float(spatial_scale)
         self.sampling_ratio = int(sampling_ratio)
@@ -433,7 +455,7 @@ class DeformRoIPool2D(keras.layers.Layer):
             return bridge.deform_roi_pool(x, rois, offset, output_size=self.output_size,
                                           spatial_scale=self.spatial_scale,
                                           sampling_ratio=self.sampling_ratio, gamma=self.gamma,
-                                          mask=mask, **_nchw_kwargs(backend))
+                                          mask=mask, **_bridge_kwargs(backend, self.algorithm))
 
         mask = None
         if self.learn_offsets:
@@ -460,5 +482,6 @@ class DeformRoIPool2D(keras.layers.Layer):
             "modulated": self.modulated,
             "fc_channels": self.fc_channels,
             "data_format": self.data_format,
+            "algorithm": self.algorithm,
         })
         return config

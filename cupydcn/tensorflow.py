@@ -2,16 +2,21 @@
 
 Only DLPack and autograd live here (no numerics): each op hands its tensors to
 the array-in, array-out core (``cupydcn.deform_conv2d`` and friends) and wires
-the core's explicit backward into ``tf.custom_gradient``.
+the core's explicit backward into ``tf.custom_gradient``. The ops are built
+from their declarations in ``cupydcn._ops`` (arrays, parameters, gradients,
+layouts, outputs), one generic wrapper for all; each takes the op's
+arguments, then ``data_format`` and ``algorithm`` (None, or a name from
+``cupydcn.algorithms(op)``, for the forward and the backward).
 
 * GPU tensors go to CuPy without a copy through a DLPack capsule
   (``tf.experimental.dlpack.to_dlpack`` -> ``cupy.from_dlpack``) and results come
   back the same way. TensorFlow's DLPack export has no stream handshake, so the
   bridge waits for TensorFlow's pending GPU work before the kernels read its
   tensors and for CuPy's stream before TensorFlow reads the results.
-* CPU tensors go to the NumPy reference without a copy (``numpy.from_dlpack``
-  of the tensor); results return through a NumPy DLPack capsule when their
-  memory has the 64-byte alignment TensorFlow's kernels need, else as a copy.
+* CPU tensors go to the core's CPU backend (``cupydcn.set_cpu_backend``)
+  without a copy (``numpy.from_dlpack`` of the tensor); results return
+  through a NumPy DLPack capsule when their memory has the 64-byte alignment
+  TensorFlow's kernels need, else as a copy.
 * bfloat16, which neither NumPy nor CuPy import through DLPack, travels as its
   uint16 bit pattern (``tf.bitcast``) and is viewed as ``ml_dtypes.bfloat16``.
 * Inside ``tf.function`` (Keras ``model.fit``) the core runs in a
@@ -38,14 +43,13 @@ Example:
 
 from __future__ import annotations
 
+import inspect
 from typing import NamedTuple
 
 import numpy
 import tensorflow as tf
 
-from cupydcn import _deform_conv, _roi_pool, _validation
-
-__all__ = ["deform_conv2d", "deform_psroi_pool", "deform_roi_pool"]
+from cupydcn import _ops, _validation
 
 _DL_CUDA, _DL_CUDA_MANAGED = 2, 13
 _TO_NCHW = (0, 3, 1, 2)
@@ -139,14 +143,15 @@ def _run(function, tensors, dtypes, shapes):
     return outputs
 
 
-def _differentiable(forward, backward, names, tensors, out_shape, saved=(), constant=()):
-    """A ``tf.custom_gradient`` op over the tensors that are not None.
+def _differentiable(forward, backward, names, tensors, out_specs, constant=()):
+    """A ``tf.custom_gradient`` op over the tensors that are not None; it
+    returns the forward's first result.
 
-    ``forward(**arrays)`` returns ``(output, *saved_arrays)``; ``saved`` lists
-    the ``(dtype, shape)`` of those saved arrays (the output has the first
-    tensor's dtype and ``out_shape``). ``backward(grad_output, *saved_arrays,
-    **arrays)`` returns a mapping from the names not in ``constant`` to
-    gradient arrays; the ``constant`` ones (rois) get no gradient (None).
+    ``forward(**arrays)`` returns ``(output, *saved_arrays)``; ``out_specs``
+    lists the ``(dtype, shape)`` of all of them. ``backward(grad_output,
+    *saved_arrays, **arrays)`` returns a mapping from the names not in
+    ``constant`` to gradient arrays; the ``constant`` ones (rois) get no
+    gradient (None).
     """
     names = [n for n, t in zip(names, tensors) if t is not None]
     tensors = [t for t in tensors if t is not None]
@@ -156,8 +161,7 @@ def _differentiable(forward, backward, names, tensors, out_shape, saved=(), cons
         def run_forward(*arrays):
             return tuple(forward(**dict(zip(names, arrays))))
 
-        out, *kept = _run(run_forward, xs, [xs[0].dtype, *(d for d, _ in saved)],
-                          [out_shape, *(s for _, s in saved)])
+        out, *kept = _run(run_forward, xs, [d for d, _ in out_specs], [s for _, s in out_specs])
 
         def grad(dy):
             def run_backward(dy_array, *arrays):
@@ -197,17 +201,23 @@ _TENSOR = "a tf.Tensor (or what tf.convert_to_tensor takes)"
 
 
 def _tensors(required, optional=()):
-    """The tensor arguments as tensors (None stays None for the optional
-    ones), in order; a clear error for a missing or unconvertible one."""
+    """The tensor arguments as tensors by name (None stays None for the
+    optional ones); a clear error for a missing or unconvertible one."""
     _validation.check_arrays(required, optional, expected=_TENSOR)
-    converted = []
+    converted = {}
     for name, x in (*required.items(), *dict(optional).items()):
         try:
-            converted.append(None if x is None else tf.convert_to_tensor(x))
+            converted[name] = None if x is None else tf.convert_to_tensor(x)
         except (TypeError, ValueError) as error:
             raise _validation.ArgumentTypeError(
                 f"{name} must be {_TENSOR}, got {_validation.type_name(x)} ({error})") from None
     return converted
+
+
+def _channels_last_layout(layout):
+    """An NCHW layout as NHWC: ``"(B, C, H, W)"`` -> ``"(B, H, W, C)"``."""
+    first, channels, *spatial = _ops._symbols(layout)
+    return f"({', '.join([first, *spatial, channels])})"
 
 
 def _nchw(x, name, layout):
@@ -219,7 +229,7 @@ def _nchw(x, name, layout):
     return tf.transpose(x, _TO_NCHW)
 
 
-def _fully_defined(*tensors):
+def _fully_defined(tensors):
     return all(t is None or t.shape.is_fully_defined() for t in tensors)
 
 
@@ -236,32 +246,125 @@ def _spec(t):
     return _Spec(tuple(t.shape.as_list()), numpy.dtype(t.dtype.as_numpy_dtype))
 
 
-def _static_check(check, channels_last, *args, **kwargs):
+def _static_check(spec, channels_last, tensors, params):
     """The core's validation where the shapes are known (always in eager mode),
     so that errors surface at the call; in NCHW terms for channels_last."""
-    args = [_spec(a) if isinstance(a, tf.Tensor) else a for a in args]
-    kwargs = {k: _spec(v) if isinstance(v, tf.Tensor) else v for k, v in kwargs.items()}
     try:
-        return check(*args, **kwargs)
+        return spec.check_shapes(**{n: _spec(t) for n, t in tensors.items()}, **params)
     except (TypeError, ValueError) as error:
         if channels_last:
             raise type(error)(f"{error} (shapes in NCHW terms: the channels_last arrays "
-                       "are transposed to NCHW for the kernels)") from error
+                              "are transposed to NCHW for the kernels)") from error
         raise
 
 
-# --------------------------------------------------------------------------
-# Deformable convolution
-# --------------------------------------------------------------------------
+def _shape(t):
+    return None if t is None else (None if t.shape.rank is None else tuple(t.shape.as_list()))
 
 
-@_plain_python
-def deform_conv2d(input, offset, weight, bias=None, stride=1, padding=0, dilation=1, mask=None,
-                  data_format="channels_last"):
-    """Deformable convolution v1, or v2 with ``mask``, differentiable in all inputs.
+# --------------------------------------------------------------------------
+# The ops, built from their specs (cupydcn._ops)
+# --------------------------------------------------------------------------
+
+# The bridge's own arguments, after each op's: name -> default.
+_OPTIONS = {"data_format": "channels_last", "algorithm": None}
+
+
+def _bind(spec, args, kwargs):
+    """(the op's arguments by name, the bridge's options by name)."""
+    n = len(spec.args)
+    if len(args) > n + len(_OPTIONS):
+        raise _validation.ArgumentTypeError(
+            f"{spec.name}() takes {n + len(_OPTIONS)} arguments, got {len(args)}")
+    kwargs = dict(kwargs)
+    for key, value in zip(_OPTIONS, args[n:]):
+        if key in kwargs:
+            raise _validation.ArgumentTypeError(
+                f"{spec.name}() got multiple values for argument {key!r}")
+        kwargs[key] = value
+    options = {key: kwargs.pop(key, default) for key, default in _OPTIONS.items()}
+    return spec.bind(*args[:n], **kwargs), options
+
+
+def _call(spec, args, kwargs):
+    """One call of ``spec``'s op on TensorFlow tensors (see the module docstring)."""
+    bound, options = _bind(spec, args, kwargs)
+    channels_last = _channels_last(options["data_format"])
+    algorithm = options["algorithm"]
+    spec.check_algorithm(algorithm)
+    by_name = {a.name: a for a in spec.args}
+    params = {}
+    for arg in spec.params:
+        value = bound[arg.name]
+        params[arg.name] = (_validation.pair(value, arg.name, arg.minimum)
+                            if arg.kind == _ops.PAIR else value)
+    tensors = _tensors({n: bound[n] for n in spec.arrays if by_name[n].kind == _ops.ARRAY},
+                       {n: bound[n] for n in spec.arrays if by_name[n].kind != _ops.ARRAY})
+    tensors = {n: tensors[n] for n in spec.arrays}  # the op's order
+    if channels_last:
+        for name, t in tensors.items():
+            if by_name[name].spatial:
+                tensors[name] = _nchw(t, name, _channels_last_layout(by_name[name].layout))
+    if _fully_defined(tensors.values()):
+        shapes = spec.output_shapes(_static_check(spec, channels_last, tensors, params))
+    else:
+        shapes = spec.static_output_shapes({n: _shape(t) for n, t in tensors.items()}, params)
+    first = tensors[spec.arrays[0]]
+    dtypes = {name: first.dtype for name in spec.outputs}
+    if spec.acc_outputs:
+        acc = tf.as_dtype(_validation.dtype_of(_spec(first), spec.arrays[0]).acc)
+        dtypes.update({name: acc for name in spec.acc_outputs})
+    every_output = {f"return_{name}": True for name in spec.outputs[1:]}
+    taken = {a.name for a in spec.backward_args}  # the saved outputs the backward takes
+
+    def forward(**arrays):
+        out = spec.forward(**arrays, **params, **every_output, algorithm=algorithm)
+        return out if isinstance(out, tuple) else (out,)
+
+    def backward(grad_output, *saved, **arrays):
+        saved = {n: a for n, a in zip(spec.outputs[1:], saved) if n in taken}
+        grads = spec.backward(grad_output, **arrays, **params, **saved, algorithm=algorithm)
+        return grads._asdict()
+
+    out = _differentiable(
+        forward, backward, list(tensors), list(tensors.values()),
+        [(dtypes[name], tf.TensorShape(shapes[name])) for name in spec.outputs],
+        constant=[n for n in spec.arrays if n not in spec.gradients])
+    return tf.transpose(out, _TO_NHWC) if channels_last else out
+
+
+def _signature(spec):
+    kind = inspect.Parameter.POSITIONAL_OR_KEYWORD
+    parameters = [inspect.Parameter(a.name, kind) if a.default is _ops.REQUIRED else
+                  inspect.Parameter(a.name, kind, default=a.default) for a in spec.args]
+    parameters += [inspect.Parameter(key, kind, default=value) for key, value in _OPTIONS.items()]
+    return inspect.Signature(parameters)
+
+
+def _op(spec, doc):
+    """The public TensorFlow function of ``spec``'s op."""
+
+    def op(*args, **kwargs):
+        return _call(spec, args, kwargs)
+
+    op.__name__ = op.__qualname__ = spec.name
+    op.__module__ = __name__
+    op.__doc__ = doc
+    op.__signature__ = _signature(spec)
+    return _plain_python(op)
+
+
+_ALGORITHM_DOC = """algorithm: None (the automatic choice) or the name of one of
+            ``cupydcn.algorithms("{op}")``, for the forward and the backward."""
+
+# The docstrings say what each op means on TensorFlow tensors (the layouts);
+# an op without one here gets its core function's.
+_DOCS = {
+    "deform_conv2d": """Deformable convolution v1, or v2 with ``mask``, differentiable in
+    all inputs.
 
     ``cupydcn.deform_conv2d``'s numbers (torchvision's, docs/semantics.md §2) on
-    TensorFlow tensors, CUDA kernels on the GPU and the NumPy reference on the
+    TensorFlow tensors, CUDA kernels on the GPU and the CPU backend on the
     CPU, without copies.
 
     Args:
@@ -275,50 +378,13 @@ def deform_conv2d(input, offset, weight, bias=None, stride=1, padding=0, dilatio
         stride, padding, dilation: int or (h, w) pair (symmetric zero padding).
         mask: (B, Ho, Wo, dg*kh*kw) tensor, or (B, dg*kh*kw, Ho, Wo), or None (v1).
         data_format: "channels_last" (default) or "channels_first".
+        {algorithm}
 
     Returns:
         (B, Ho, Wo, Cout) tensor, or (B, Cout, Ho, Wo) with channels_first.
-    """
-    channels_last = _channels_last(data_format)
-    stride = _validation.pair(stride, "stride", 1)
-    padding = _validation.pair(padding, "padding", 0)
-    dilation = _validation.pair(dilation, "dilation", 1)
-    input, offset, weight, bias, mask = _tensors(dict(input=input, offset=offset, weight=weight),
-                                                 dict(bias=bias, mask=mask))
-    if channels_last:
-        input = _nchw(input, "input", "(B, H, W, C)")
-        offset = _nchw(offset, "offset", "(B, Ho, Wo, 2*offset_groups*kh*kw)")
-        mask = _nchw(mask, "mask", "(B, Ho, Wo, offset_groups*kh*kw)")
-    params = dict(stride=stride, padding=padding, dilation=dilation)
-    tensors = (input, offset, weight, bias, mask)
-    if _fully_defined(*tensors):
-        _static_check(_validation.check_deform_conv2d, channels_last, input, offset, weight,
-                      bias, mask=mask, **params)
-    out_shape = tf.TensorShape([input.shape[0], weight.shape[0], *offset.shape[2:]])
-
-    def forward(input, offset, weight, bias=None, mask=None):
-        return (_deform_conv.deform_conv2d(input, offset, weight, bias, mask=mask, **params),)
-
-    def backward(grad_output, input, offset, weight, bias=None, mask=None):
-        grads = _deform_conv.deform_conv2d_backward(grad_output, input, offset, weight, bias,
-                                                    mask=mask, **params)
-        return grads._asdict()
-
-    out = _differentiable(forward, backward, ("input", "offset", "weight", "bias", "mask"),
-                          tensors, out_shape)
-    return tf.transpose(out, _TO_NHWC) if channels_last else out
-
-
-# --------------------------------------------------------------------------
-# Deformable RoI pooling
-# --------------------------------------------------------------------------
-
-
-@_plain_python
-def deform_roi_pool(input, rois, offset=None, output_size=7, spatial_scale=1.0, sampling_ratio=0,
-                    gamma=0.1, mask=None, data_format="channels_last"):
-    """Deformable RoI pooling, RoIAlign style (mmcv's), or modulated with ``mask``;
-    differentiable in ``input``, ``offset`` and ``mask`` (not in ``rois``).
+    """,
+    "deform_roi_pool": """Deformable RoI pooling, RoIAlign style (mmcv's), or modulated
+    with ``mask``; differentiable in ``input``, ``offset`` and ``mask`` (not in ``rois``).
 
     ``cupydcn.deform_roi_pool``'s numbers (docs/semantics.md §3) on TensorFlow
     tensors. Without offset and mask this is RoIAlign with ``aligned=True``.
@@ -336,45 +402,12 @@ def deform_roi_pool(input, rois, offset=None, output_size=7, spatial_scale=1.0, 
         gamma: float, the offset scale.
         mask: (R, ph, pw, 1) tensor, or (R, 1, ph, pw), or None: multiplies each bin.
         data_format: "channels_last" (default) or "channels_first".
+        {algorithm}
 
     Returns:
         (R, ph, pw, C) tensor, or (R, C, ph, pw) with channels_first.
-    """
-    channels_last = _channels_last(data_format)
-    ph, pw = _validation.pair(output_size, "output_size", 1)
-    input, rois, offset, mask = _tensors(dict(input=input, rois=rois),
-                                         dict(offset=offset, mask=mask))
-    if channels_last:
-        input = _nchw(input, "input", "(N, H, W, C)")
-        offset = _nchw(offset, "offset", "(R, ph, pw, 2)")
-        mask = _nchw(mask, "mask", "(R, ph, pw, 1)")
-    params = dict(output_size=(ph, pw), spatial_scale=spatial_scale,
-                  sampling_ratio=sampling_ratio, gamma=gamma)
-    tensors = (input, rois, offset, mask)
-    if _fully_defined(*tensors):
-        # rois[:, 0] is checked by the core, which reads the values
-        _static_check(_validation.check_deform_roi_pool, channels_last, input, rois, offset,
-                      mask=mask, check_batch=False, **params)
-    out_shape = tf.TensorShape([rois.shape[0], input.shape[1], ph, pw])
-
-    def forward(input, rois, offset=None, mask=None):
-        return (_roi_pool.deform_roi_pool(input, rois, offset, mask=mask, **params),)
-
-    def backward(grad_output, input, rois, offset=None, mask=None):
-        grads = _roi_pool.deform_roi_pool_backward(grad_output, input, rois, offset, mask=mask,
-                                                   **params)
-        return grads._asdict()
-
-    out = _differentiable(forward, backward, ("input", "rois", "offset", "mask"), tensors,
-                          out_shape, constant=("rois",))
-    return tf.transpose(out, _TO_NHWC) if channels_last else out
-
-
-@_plain_python
-def deform_psroi_pool(input, rois, trans=None, spatial_scale=1.0, output_dim=None, group_size=1,
-                      pooled_size=7, part_size=0, sample_per_part=4, trans_std=0.0,
-                      data_format="channels_last"):
-    """Deformable position-sensitive RoI pooling (the official DCN operator's,
+    """,
+    "deform_psroi_pool": """Deformable position-sensitive RoI pooling (the official DCN operator's,
     R-FCN head); differentiable in ``input`` and ``trans`` (not in ``rois``).
 
     ``cupydcn.deform_psroi_pool``'s numbers (docs/semantics.md §4) on TensorFlow
@@ -389,38 +422,19 @@ def deform_psroi_pool(input, rois, trans=None, spatial_scale=1.0, output_dim=Non
         spatial_scale, output_dim, group_size, pooled_size, part_size,
             sample_per_part, trans_std: as for ``cupydcn.deform_psroi_pool``.
         data_format: "channels_last" (default) or "channels_first".
+        {algorithm}
 
     Returns:
         (R, pooled_size, pooled_size, output_dim) tensor, or
         (R, output_dim, pooled_size, pooled_size) with channels_first.
-    """
-    channels_last = _channels_last(data_format)
-    input, rois, trans = _tensors(dict(input=input, rois=rois), dict(trans=trans))
-    if channels_last:
-        input = _nchw(input, "input", "(N, H, W, output_dim*group_size**2)")
-        trans = _nchw(trans, "trans", "(R, part_size, part_size, 2*num_classes)")
-    params = dict(spatial_scale=spatial_scale, output_dim=output_dim, group_size=group_size,
-                  pooled_size=pooled_size, part_size=part_size,
-                  sample_per_part=sample_per_part, trans_std=trans_std)
-    tensors = (input, rois, trans)
-    if _fully_defined(*tensors):
-        geo = _static_check(_validation.check_deform_psroi_pool, channels_last, input, rois,
-                            trans, check_batch=False, **params)
-        params["output_dim"] = geo.output_dim
-    channels = params["output_dim"]
-    if channels is None and input.shape[1] is not None and isinstance(group_size, int):
-        channels = input.shape[1] // group_size**2
-    out_shape = tf.TensorShape([rois.shape[0], channels, pooled_size, pooled_size])
-    count_dtype = tf.as_dtype(_validation.dtype_of(_spec(input), "input").acc)
+    """,
+}
 
-    def forward(input, rois, trans=None):
-        return _roi_pool.deform_psroi_pool(input, rois, trans, return_count=True, **params)
+for _name, _spec_of_op in _ops.SPECS.items():
+    _doc = _DOCS.get(_name)
+    _doc = (_spec_of_op.forward.__doc__ if _doc is None else
+            _doc.replace("{algorithm}", _ALGORITHM_DOC.format(op=_name)))
+    globals()[_name] = _op(_spec_of_op, _doc)
+del _name, _spec_of_op, _doc
 
-    def backward(grad_output, count, input, rois, trans=None):
-        grads = _roi_pool.deform_psroi_pool_backward(grad_output, input, rois, trans, count,
-                                                     **params)
-        return grads._asdict()
-
-    out = _differentiable(forward, backward, ("input", "rois", "trans"), tensors, out_shape,
-                          saved=[(count_dtype, out_shape)], constant=("rois",))
-    return tf.transpose(out, _TO_NHWC) if channels_last else out
+__all__ = sorted(_ops.SPECS)

@@ -257,6 +257,91 @@ def test_roi_pool_config_round_trip():
 
 
 # --------------------------------------------------------------------------
+# algorithm=
+# --------------------------------------------------------------------------
+
+
+def bridge_takes_algorithm():
+    """Whether the bridge of this backend has ``algorithm=``."""
+    import inspect
+
+    bridge = ck._bridge()[1]
+    return "algorithm" in inspect.signature(bridge.deform_conv2d).parameters
+
+
+def spy_choices(monkeypatch):
+    """The ``algorithm`` of every dispatcher choice."""
+    from cupydcn import _dispatch
+
+    seen = []
+    choose = _dispatch.choose
+
+    def spy(op, on_gpu, geo, algorithm=None, *args, **kwargs):
+        seen.append(algorithm)
+        return choose(op, on_gpu, geo, algorithm, *args, **kwargs)
+
+    monkeypatch.setattr(_dispatch, "choose", spy)
+    return seen
+
+
+# layer class -> (op, constructor kwargs, inputs, target shape); DeformConv2D
+# shares ModulatedDeformConv2D's code
+LAYER_CASES = {
+    "ModulatedDeformConv2D": ("deform_conv2d", dict(filters=3, kernel_size=3, padding="same",
+                                                    deform_groups=2,
+                                                    offset_initializer="random_normal"),
+                              [random_input((2, 6, 5, 4))], (2, 6, 5, 3)),
+    "DeformRoIPool2D": ("deform_roi_pool", dict(output_size=2, sampling_ratio=2,
+                                                learn_offsets=True, modulated=True,
+                                                fc_channels=8),
+                        [FEATURES[:2], numpy.array([[0, 1, 1, 6, 5], [1, 0.5, 2, 8, 7]],
+                                                   numpy.float32)], (2, 2, 2, 3)),
+}
+
+
+@NUMPY2_ARRAY_COPY
+@pytest.mark.parametrize("name,algorithm", [(n, a) for n, case in LAYER_CASES.items()
+                                            for a in cupydcn.algorithms(case[0])])
+def test_algorithm_selects_the_implementation(name, algorithm, monkeypatch):
+    """The layer's algorithm runs its op, forward and backward (a fit step),
+    and its outputs are the reference implementation's within float32's
+    tolerance; the config keeps it."""
+    if not bridge_takes_algorithm():
+        pytest.skip(f"the {BACKEND} bridge has no algorithm= yet")
+    op, kwargs, inputs, target_shape = LAYER_CASES[name]
+    layer_class = getattr(ck, name)
+    keras.utils.set_random_seed(0)
+    layer = layer_class(**kwargs, algorithm=algorithm)
+    reference = layer_class(**kwargs, algorithm="reference")
+    arguments = inputs if len(inputs) > 1 else inputs[0]
+    reference(arguments)
+    seen = spy_choices(monkeypatch)
+    out = to_numpy(layer(arguments))  # waits for the jax backend's asynchronous call
+    assert seen and set(seen) == {algorithm}, seen
+    reference.set_weights(layer.get_weights())
+    assert_close(out, reference(arguments), what=f"{algorithm} against the reference")
+    assert layer.get_config()["algorithm"] == algorithm
+    assert layer_class.from_config(layer.get_config()).algorithm == algorithm
+    symbolic = [keras.Input(x.shape[1:]) for x in inputs]
+    model = keras.Model(symbolic, layer_class(**kwargs, algorithm=algorithm)(
+        symbolic if len(symbolic) > 1 else symbolic[0]))
+    model.compile(optimizer="sgd", loss="mse")
+    seen.clear()
+    model.fit(inputs, random_input(target_shape, seed=5), epochs=1, batch_size=2, verbose=0)
+    assert len(seen) >= 2 and set(seen) == {algorithm}, seen  # the backward too
+
+
+@pytest.mark.parametrize("name", list(LAYER_CASES))
+def test_unknown_algorithm_names_those_that_exist(name):
+    op, kwargs, _, _ = LAYER_CASES[name]
+    names = ", ".join(cupydcn.algorithms(op))
+    with pytest.raises(cupydcn.ArgumentError, match=f"algorithm must be None or one of {names} "
+                                                    f"for {op}, got 'winograd'"):
+        getattr(ck, name)(**kwargs, algorithm="winograd")
+    assert getattr(ck, name)(**kwargs).get_config()["algorithm"] is None
+
+
+# --------------------------------------------------------------------------
 # Backends
 # --------------------------------------------------------------------------
 

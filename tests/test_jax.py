@@ -7,7 +7,10 @@ dtype table's tolerance of the float64 reference; eagerly, under ``jit``,
 ``grad`` (``jax.vjp``) and ``vmap``. float64 runs inside ``jax.enable_x64``
 (scoped: no global config leaks to other tests).
 GPU tier (marker ``gpu``): the same on a CUDA device, and that the core reads
-JAX's own buffers (pointer equality) on XLA's stream under ``jit``.
+JAX's own buffers (pointer equality) on XLA's stream under ``jit`` and
+writes its results into XLA's output buffers (no copy). ``algorithm=``
+selects each implementation through the bridge; a result the core does not
+write into its output buffer is copied into place.
 """
 
 import re
@@ -41,16 +44,6 @@ def assert_same(got, expected, what):
     assert got.shape == expected.shape, (what, got.shape, expected.shape)
     assert got.dtype == expected.dtype, (what, got.dtype, expected.dtype)
     numpy.testing.assert_array_equal(got.astype(F64), numpy.asarray(expected, F64), err_msg=what)
-
-
-def assert_matches(got, expected, what):
-    """Equal within the dtype's tolerance: a vmapped call folded into one batch
-    runs other GEMM sizes than the per-element core calls it is compared with
-    (the host backend's rounding may differ in the last bit)."""
-    got = numpy.asarray(got)
-    assert got.shape == expected.shape, (what, got.shape, expected.shape)
-    assert got.dtype == expected.dtype, (what, got.dtype, expected.dtype)
-    assert_close(got, numpy.asarray(expected), got.dtype, what)
 
 
 def run(function, arrays, cotangent, mode):
@@ -160,7 +153,7 @@ def test_grad_of_part_runs_only_that_half_of_the_backward(monkeypatch):
         return dcn.deform_conv2d(x, arrays["offset"], w, padding=1).sum()
 
     jax.jit(jax.grad(loss, argnums=0))(arrays["input"], arrays["weight"]).block_until_ready()
-    assert calls == [("input", "offset")]  # no mask given: no mask gradient asked
+    assert calls == [("input", "offset")]  # no mask given: not asked for
     calls.clear()
     jax.jit(jax.grad(loss, argnums=1))(arrays["input"], arrays["weight"]).block_until_ready()
     assert calls == [("weight",)]  # no bias given
@@ -208,10 +201,16 @@ def vmapped_conv_arrays(V=3, case=CONV_CASES[0]):
     return cases, stacked, cases[0][2]
 
 
+def fold(a):
+    """A vmapped array with its vmapped axis folded into the batch."""
+    return a.reshape(-1, *a.shape[2:])
+
+
 def test_vmap_folds_into_the_batch(monkeypatch):
     """vmap over input, offset and mask with a shared weight: one core call
     with the vmapped axis folded into the batch, forward and backward, nested
-    vmap included."""
+    vmap included; the results are that call's (the host-built kernels' GEMM
+    may round a batch of 6 differently from three batches of 2)."""
     forward = count_calls(monkeypatch, _deform_conv, "deform_conv2d")
     backward = count_calls(monkeypatch, _deform_conv, "deform_conv2d_backward")
     cases, s, params = vmapped_conv_arrays()
@@ -222,9 +221,10 @@ def test_vmap_folds_into_the_batch(monkeypatch):
 
     out = jax.jit(jax.vmap(conv))(s["input"], s["offset"], s["mask"])
     assert forward == [3 * 2]
-    for v, (arrays, _, _) in enumerate(cases):
-        assert_matches(out[v], cupydcn.deform_conv2d(arrays["input"], arrays["offset"], weight,
-                                                     bias, mask=arrays["mask"], **params), f"[{v}]")
+    folded = [fold(s[n]) for n in ("input", "offset", "mask")]
+    expected = cupydcn.deform_conv2d(folded[0], folded[1], weight, bias, mask=folded[2],
+                                     **params)
+    assert_same(numpy.asarray(out), expected.reshape(out.shape), "folded")
     nested = jax.vmap(jax.vmap(conv))(*(s[n].reshape(1, 3, *s[n].shape[1:])
                                         for n in ("input", "offset", "mask")))
     assert forward[1:] == [3 * 2]
@@ -232,11 +232,9 @@ def test_vmap_folds_into_the_batch(monkeypatch):
     grad_input = jax.jit(jax.grad(lambda x: jax.vmap(conv)(x, s["offset"], s["mask"]).sum()))(
         s["input"])
     assert backward == [3 * 2]  # no weight gradient asked for under jit: only the data half
-    for v, (arrays, _, _) in enumerate(cases):
-        g = cupydcn.deform_conv2d_backward(numpy.ones((2, 6, 7, 6), numpy.float32),
-                                           arrays["input"], arrays["offset"], weight, bias,
-                                           mask=arrays["mask"], **params)
-        assert_matches(grad_input[v], g.input, f"grad[{v}]")
+    g = cupydcn.deform_conv2d_backward(numpy.ones(expected.shape, numpy.float32), folded[0],
+                                       folded[1], weight, bias, mask=folded[2], **params)
+    assert_same(numpy.asarray(grad_input), g.input.reshape(grad_input.shape), "grad")
 
 
 def test_vmap_runs_per_element_where_it_cannot_fold(monkeypatch):
@@ -279,7 +277,9 @@ def test_per_example_gradients():
 @pytest.mark.parametrize("dtype", DTYPES, ids=dtype_name)
 def test_vmap_of_vjp_in_every_dtype(dtype):
     """jit(vmap(vjp)) over input, offset and mask with a shared weight and bias:
-    each element's output and gradients are the core's for that element."""
+    the output and the input, offset and mask gradients are the core's for
+    the folded batch, the weight and bias gradients the core's for each
+    element."""
     cases = [conv_case(CONV_CASES[0], dtype, seed=s) for s in range(2)]
     weight, bias = cases[0][0]["weight"], cases[0][0]["bias"]
     params = cases[0][2]
@@ -294,14 +294,22 @@ def test_vmap_of_vjp_in_every_dtype(dtype):
         out, grads = jax.jit(jax.vmap(one))(
             *(numpy.stack([c[0][n] for c in cases]) for n in ("input", "offset", "mask")),
             numpy.stack([c[1] for c in cases]))
+    folded = {n: numpy.concatenate([c[0][n] for c in cases]) for n in ("input", "offset", "mask")}
+    args = (folded["input"], folded["offset"], weight, bias)
+    expected = cupydcn.deform_conv2d(*args, mask=folded["mask"], **params)
+    assert_same(numpy.asarray(out), expected.reshape(out.shape), "forward")
+    expected = cupydcn.deform_conv2d_backward(numpy.concatenate([c[1] for c in cases]), *args,
+                                              mask=folded["mask"], **params)
+    for name, grad in zip(CONV_NAMES, grads):
+        if name in folded:
+            assert_same(numpy.asarray(grad), getattr(expected, name).reshape(grad.shape), name)
     for v, (arrays, cotangent, _) in enumerate(cases):
-        args = (arrays["input"], arrays["offset"], weight, bias)
-        assert_matches(out[v], cupydcn.deform_conv2d(*args, mask=arrays["mask"], **params),
-                       f"forward[{v}]")
-        expected = cupydcn.deform_conv2d_backward(cotangent, *args, mask=arrays["mask"],
-                                                  **params)
+        expected = cupydcn.deform_conv2d_backward(
+            cotangent, arrays["input"], arrays["offset"], weight, bias, mask=arrays["mask"],
+            wrt=("weight", "bias"), **params)
         for name, grad in zip(CONV_NAMES, grads):
-            assert_matches(grad[v], getattr(expected, name), f"{name}[{v}]")
+            if name not in folded:
+                assert_same(grad[v], getattr(expected, name), f"{name}[{v}]")
 
 
 # --------------------------------------------------------------------------
@@ -516,6 +524,147 @@ def test_bad_roi_batch_index_is_reported_when_running():
 
 
 # --------------------------------------------------------------------------
+# algorithm=, and the core writing into XLA's output buffers
+# --------------------------------------------------------------------------
+
+OPS = ("deform_conv2d", "deform_roi_pool", "deform_psroi_pool")
+
+
+def op_case(op, dtype):
+    """(bridge function, arrays, cotangent, params, core forward, core
+    backward) of a small call of ``op``; every function takes the arrays and
+    params by name."""
+    if op == "deform_conv2d":
+        arrays, cotangent, params = conv_case(CONV_CASES[0], dtype)
+        return (dcn.deform_conv2d, arrays, cotangent, params, cupydcn.deform_conv2d,
+                cupydcn.deform_conv2d_backward)
+    if op == "deform_roi_pool":
+        arrays, cotangent, params = roi_case(dtype)
+        return (dcn.deform_roi_pool, arrays, cotangent, params, cupydcn.deform_roi_pool,
+                cupydcn.deform_roi_pool_backward)
+    arrays, cotangent = psroi_case(dtype)
+    return (dcn.deform_psroi_pool, arrays, cotangent, PSROI_PARAMS, cupydcn.deform_psroi_pool,
+            cupydcn.deform_psroi_pool_backward)
+
+
+def spy_choices(monkeypatch):
+    """The ``algorithm`` of every dispatcher choice."""
+    from cupydcn import _dispatch
+
+    seen = []
+    choose = _dispatch.choose
+
+    def spy(op, on_gpu, geo, algorithm=None, *args, **kwargs):
+        seen.append(algorithm)
+        return choose(op, on_gpu, geo, algorithm, *args, **kwargs)
+
+    monkeypatch.setattr(_dispatch, "choose", spy)
+    return seen
+
+
+@pytest.mark.parametrize("mode", ["eager", "jit"])
+@pytest.mark.parametrize("op,algorithm", [(op, name) for op in OPS
+                                          for name in cupydcn.algorithms(op)])
+def test_algorithm_selects_the_implementation(op, algorithm, mode, monkeypatch):
+    """Each implementation available here runs the forward and the backward
+    through the bridge: the core's numbers for that algorithm exactly, and
+    the reference's within float64's tolerance."""
+    function, arrays, cotangent, params, core, core_backward = op_case(op, F64)
+    seen = spy_choices(monkeypatch)
+    with precision(F64):
+        out, grads = run(lambda **a: function(**a, **params, algorithm=algorithm), arrays,
+                         cotangent, mode)
+    assert seen and set(seen) == {algorithm}, seen  # forward and backward alike
+    expected = core(**arrays, **params, algorithm=algorithm)
+    exact = core(**arrays, **params, algorithm="reference")
+    expected_grads = core_backward(cotangent, **arrays, **params, algorithm=algorithm)
+    exact_grads = core_backward(cotangent, **arrays, **params, algorithm="reference")
+    assert_same(out, expected, "forward")
+    assert_close(out, exact, F64, "forward against the reference")
+    for name, grad in expected_grads._asdict().items():
+        if grad is not None:
+            assert_same(grads[name], grad, name)
+            assert_close(grads[name], getattr(exact_grads, name), F64, f"{name} (reference)")
+
+
+@pytest.mark.parametrize("mode", ["eager", "jit"])
+@pytest.mark.parametrize("op", OPS)
+def test_unknown_algorithm_names_those_that_exist(op, mode):
+    function, arrays, _, params, _, _ = op_case(op, numpy.float32)
+    call = lambda **a: function(**a, **params, algorithm="winograd")  # noqa: E731
+    if mode == "jit":
+        call = jax.jit(call)
+    names = ", ".join(cupydcn.algorithms(op))
+    with pytest.raises(cupydcn.ArgumentError,
+                       match=re.escape(f"algorithm must be None or one of {names} for {op}, "
+                                       f"got 'winograd'")):
+        call(**arrays)
+
+
+def spy_stores(monkeypatch):
+    """The results the bridge had to copy into XLA's buffers."""
+    stores = []
+    store = dcn._store
+
+    def spy(out, result):
+        stores.append(result.shape)
+        return store(out, result)
+
+    monkeypatch.setattr(dcn, "_store", spy)
+    return stores
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=dtype_name)
+@pytest.mark.parametrize("op", OPS)
+def test_core_writes_into_xlas_output_buffers(op, dtype, monkeypatch):
+    """Forward and backward, under jit and vmap (folded and per element): the
+    core allocates its results as XLA's output buffers, so none is copied."""
+    stores = spy_stores(monkeypatch)
+    function, arrays, cotangent, params, core, core_backward = op_case(op, dtype)
+    with precision(dtype):
+        out, grads = run(lambda **a: function(**a, **params), arrays, cotangent, "jit")
+        if op == "deform_conv2d":
+            vmapped = {k: v if k in ("weight", "bias") else numpy.stack([v, v])
+                       for k, v in arrays.items()}
+            folded = jax.jit(jax.vmap(lambda x, o, m: function(x, o, arrays["weight"],
+                                                               arrays["bias"], mask=m, **params)))(
+                vmapped["input"], vmapped["offset"], vmapped["mask"])
+            per_element = jax.vmap(lambda w: function(arrays["input"], arrays["offset"], w,
+                                                      **params))(vmapped["weight"][None])
+    assert stores == []
+    assert_same(out, core(**arrays, **params), "forward")
+    for name, grad in core_backward(cotangent, **arrays, **params)._asdict().items():
+        if grad is not None:
+            assert_same(grads[name], grad, name)
+    if op == "deform_conv2d":
+        expected = core(fold(vmapped["input"]), fold(vmapped["offset"]), arrays["weight"],
+                        arrays["bias"], mask=fold(vmapped["mask"]), **params)
+        assert_same(numpy.asarray(folded), expected.reshape(folded.shape), "vmap, folded")
+        assert_same(numpy.asarray(per_element[0]),
+                    core(arrays["input"], arrays["offset"], arrays["weight"], **params),
+                    "vmap, per element")
+
+
+@pytest.mark.parametrize("dtype", [numpy.float32, numpy.float16], ids=dtype_name)
+def test_results_allocated_out_of_order_are_copied_into_place(dtype, monkeypatch):
+    """input and offset of one shape: in float16 the core allocates the offset
+    gradient before the input gradient (which it converts from float32 at the
+    end), so each takes the other's buffer first; the bridge puts them right."""
+    stores = spy_stores(monkeypatch)
+    rng = numpy.random.default_rng(7)
+    x = rng.standard_normal((1, 18, 5, 5)).astype(dtype)
+    offset = rng.uniform(-1, 1, (1, 18, 5, 5)).astype(dtype)
+    weight = rng.standard_normal((2, 18, 3, 3)).astype(dtype)
+    cotangent = rng.standard_normal((1, 2, 5, 5)).astype(dtype)
+    arrays = dict(input=x, offset=offset, weight=weight)
+    _, grads = run(lambda **a: dcn.deform_conv2d(**a, padding=1), arrays, cotangent, "jit")
+    expected = cupydcn.deform_conv2d_backward(cotangent, x, offset, weight, padding=1)
+    for name in arrays:
+        assert_same(grads[name], getattr(expected, name), name)
+    assert len(stores) == (2 if dtype == numpy.float16 else 0), stores
+
+
+# --------------------------------------------------------------------------
 # GPU tier: JAX on CUDA
 # --------------------------------------------------------------------------
 
@@ -531,11 +680,13 @@ def jax_gpu():
 @pytest.mark.parametrize("dtype", DTYPES, ids=dtype_name)
 def test_gpu_zero_copy_on_xlas_stream(dtype, monkeypatch):
     """Under jit on a CUDA device the core gets CuPy views of JAX's buffers
-    (same addresses) and runs on XLA's stream (not CuPy's default stream);
+    (same addresses), runs on XLA's stream (not CuPy's default stream) and
+    writes its results into XLA's output buffers (no result is copied);
     results and gradients match the float64 reference."""
     import cupy
 
     device = jax_gpu()
+    stores = spy_stores(monkeypatch)
     seen = {}
     core = _deform_conv.deform_conv2d
 
@@ -556,6 +707,7 @@ def test_gpu_zero_copy_on_xlas_stream(dtype, monkeypatch):
         assert out.devices() == {device}
         _, grads = run(lambda **a: dcn.deform_conv2d(**a, **params), on_gpu,
                        jax.device_put(cotangent, device), "jit")
+    assert stores == []
     exact = {k: None if v is None else rounded(v, dtype) for k, v in arrays.items()}
     geometry = (params["stride"], params["padding"], params["dilation"])
     exact_args = [exact[n] for n in CONV_NAMES[:4]]
@@ -568,8 +720,9 @@ def test_gpu_zero_copy_on_xlas_stream(dtype, monkeypatch):
 
 
 @pytest.mark.gpu
-def test_gpu_roi_ops_and_vmap():
+def test_gpu_roi_ops_and_vmap(monkeypatch):
     device = jax_gpu()
+    stores = spy_stores(monkeypatch)
     arrays, cotangent, params = roi_case(numpy.float32)
     on_gpu = {k: jax.device_put(v, device) for k, v in arrays.items()}
     out, grads = run(lambda **a: dcn.deform_roi_pool(**a, **params), on_gpu,
@@ -594,3 +747,4 @@ def test_gpu_roi_ops_and_vmap():
                                            conv_params["padding"], conv_params["dilation"],
                                            a["mask"])
         assert_close(numpy.asarray(out[v]), expected, numpy.float32, f"vmap[{v}]")
+    assert stores == []  # every result written by the core into XLA's buffers

@@ -1,13 +1,16 @@
 """cupydcn.tensorflow: the TensorFlow bridge against the array-in, array-out core.
 
-CPU tier: TensorFlow CPU tensors run the core's NumPy reference, so every
+CPU tier: TensorFlow CPU tensors run the core's CPU backend, so every
 result and gradient must equal what the core returns for the same NumPy
 arrays, bit for bit (the bridge adds no numerics): both data formats, eagerly
-and inside ``tf.function`` (where the core runs in a ``tf.py_function``).
+and inside ``tf.function`` (where the core runs in a ``tf.py_function``);
+``algorithm=`` selects each implementation, forward and backward.
 GPU tier (marker ``gpu``): the same comparison for GPU tensors, where
 TensorFlow sees a GPU (the GPU test machine has no TensorFlow today, so this
 is skipped there too).
 """
+
+import re
 
 import numpy
 import pytest
@@ -343,6 +346,165 @@ def test_graph_mode_runtime_error_carries_core_message():
     with pytest.raises(tf.errors.InvalidArgumentError,
                        match=r"rois\[:, 0\] must hold batch indices in \[0, N\) = \[0, 1\), got 3"):
         run(tf.zeros((1, 4, 4, 3)), tf.constant([[3, 0, 0, 2, 2]], tf.float32))
+
+
+# --------------------------------------------------------------------------
+# algorithm=, and the ops built from their specs
+# --------------------------------------------------------------------------
+
+OPS = ("deform_conv2d", "deform_roi_pool", "deform_psroi_pool")
+
+
+def op_case(op):
+    """(arrays, grad_output, params, core forward, core backward) of a small
+    float64 call of ``op``, NCHW; the core functions take them by name."""
+    if op == "deform_conv2d":
+        arrays, params = conv_case(CONV_CASES[0])
+        core = (cupydcn.deform_conv2d, cupydcn.deform_conv2d_backward)
+    elif op == "deform_roi_pool":
+        arrays, params = roi_case()
+        core = (cupydcn.deform_roi_pool, cupydcn.deform_roi_pool_backward)
+    else:
+        rng = numpy.random.default_rng(4)
+        arrays = {"input": rng.standard_normal((2, 3 * 4, 8, 9)),
+                  "rois": numpy.array([[0, 1, 1, 6, 5], [1, 0, 2, 8, 7]], numpy.float64),
+                  "trans": rng.uniform(-1, 1, (2, 2, 2, 2)),
+                  "grad_output": rng.standard_normal((2, 3, 3, 3))}
+        params = dict(spatial_scale=0.5, group_size=2, pooled_size=3, part_size=2,
+                      sample_per_part=2, trans_std=0.1)
+        core = (cupydcn.deform_psroi_pool, cupydcn.deform_psroi_pool_backward)
+    grad_output = arrays.pop("grad_output")
+    return arrays, grad_output, params, *core
+
+
+def spy_choices(monkeypatch):
+    """The ``algorithm`` of every dispatcher choice."""
+    from cupydcn import _dispatch
+
+    seen = []
+    choose = _dispatch.choose
+
+    def spy(op, on_gpu, geo, algorithm=None, *args, **kwargs):
+        seen.append(algorithm)
+        return choose(op, on_gpu, geo, algorithm, *args, **kwargs)
+
+    monkeypatch.setattr(_dispatch, "choose", spy)
+    return seen
+
+
+@pytest.mark.parametrize("graph", [False, True], ids=["eager", "tf.function"])
+@pytest.mark.parametrize("op,algorithm", [(op, name) for op in OPS
+                                          for name in cupydcn.algorithms(op)])
+def test_algorithm_selects_the_implementation(op, algorithm, graph, monkeypatch):
+    """Each implementation available here runs the forward and the backward
+    through the bridge: the core's numbers for that algorithm exactly, and
+    the reference's within float64's tolerance."""
+    from helpers import assert_close
+
+    arrays, grad_output, params, core, core_backward = op_case(op)
+    seen = spy_choices(monkeypatch)
+    names = list(arrays)
+    function = getattr(dcn, op)
+
+    def run(*xs):
+        with tf.GradientTape() as tape:
+            tape.watch(list(xs))
+            out = function(**dict(zip(names, xs)), **params, data_format="channels_first",
+                           algorithm=algorithm)
+            loss = tf.reduce_sum(out * grad_output)
+        return out, tape.gradient(loss, list(xs))
+
+    out, grads = (tf.function(run) if graph else run)(*(tf.constant(a) for a in arrays.values()))
+    assert seen and set(seen) == {algorithm}, seen  # forward and backward alike
+    assert_same(out.numpy(), core(**arrays, **params, algorithm=algorithm), "forward")
+    assert_close(out.numpy(), core(**arrays, **params, algorithm="reference"), numpy.float64,
+                 "forward against the reference")
+    expected = core_backward(grad_output, **arrays, **params, algorithm=algorithm)
+    exact = core_backward(grad_output, **arrays, **params, algorithm="reference")
+    for name, grad in zip(names, grads):
+        if name in expected._fields:
+            assert_same(grad.numpy(), getattr(expected, name), name)
+            assert_close(grad.numpy(), getattr(exact, name), numpy.float64, f"{name} (reference)")
+        else:
+            assert grad is None, name  # rois
+
+
+@pytest.mark.parametrize("graph", [False, True], ids=["eager", "tf.function"])
+@pytest.mark.parametrize("op", OPS)
+def test_unknown_algorithm_names_those_that_exist(op, graph):
+    """Raised at the call (when tracing inside tf.function), as the core's
+    ArgumentError, not from the py_function at run time. (A function that
+    autograph converts re-raises errors of classes it does not know as its
+    StagingError, with the same message: hence autograph=False here.)"""
+    arrays, _, params, _, _ = op_case(op)
+    function = getattr(dcn, op)
+
+    def call(*xs):
+        return function(**dict(zip(arrays, xs)), **params, data_format="channels_first",
+                        algorithm="winograd")
+
+    if graph:
+        call = tf.function(call, autograph=False)
+    names = ", ".join(cupydcn.algorithms(op))
+    with pytest.raises(cupydcn.ArgumentError,
+                       match=re.escape(f"algorithm must be None or one of {names} for {op}, "
+                                       f"got 'winograd'")):
+        call(*(tf.constant(a) for a in arrays.values()))
+
+
+@pytest.mark.parametrize("op", OPS)
+def test_signatures_follow_the_specs(op):
+    """Each op takes its spec's arguments in order, then data_format and
+    algorithm, positionally too."""
+    import inspect
+
+    from cupydcn import _ops
+
+    spec = _ops.SPECS[op]
+    parameters = inspect.signature(getattr(dcn, op)).parameters
+    assert list(parameters) == [a.name for a in spec.args] + ["data_format", "algorithm"]
+    arrays, _, params, core, _ = op_case(op)
+    positional = [arrays.get(a.name, params.get(a.name, a.default)) for a in spec.args]
+    out = getattr(dcn, op)(*(tf.constant(a) if isinstance(a, numpy.ndarray) else a
+                             for a in positional), "channels_first", "reference")
+    assert_same(out.numpy(), core(**arrays, **params, algorithm="reference"), "positional")
+    with pytest.raises(cupydcn.ArgumentTypeError, match="multiple values for argument 'algorithm'"):
+        getattr(dcn, op)(*positional, "channels_first", "reference", algorithm="reference")
+
+
+@pytest.mark.parametrize("op", OPS)
+def test_static_output_shapes_agree_with_the_checked_ones(op):
+    """The layouts' output shapes (what graph mode knows before the sizes)
+    equal the checked geometry's when every size is known, and keep what is
+    known when the batch and the RoI count are not."""
+    from cupydcn import _ops
+
+    spec = _ops.SPECS[op]
+    arrays, _, params, _, _ = op_case(op)
+    shapes = {n: a.shape for n, a in arrays.items()}
+    expected = spec.output_shapes(spec.check_shapes(**arrays, **params))
+    assert spec.static_output_shapes(shapes, params) == expected
+    unknown = [a.name for a in spec.args if a.spatial or a.name == "rois"]  # batch and RoIs
+    partial = {n: (None, *s[1:]) if n in unknown else s for n, s in shapes.items()}
+    got = spec.static_output_shapes(partial, params)
+    assert got == {n: (None, *s[1:]) for n, s in expected.items()}
+
+
+def test_graph_mode_static_shapes_of_the_roi_ops():
+    """Inside tf.function with unknown RoI count and image size, the pooled
+    size and the channels are known (output_dim solved from the channels)."""
+    spec = [tf.TensorSpec([None, None, None, 12], tf.float32), tf.TensorSpec([None, 5], tf.float32)]
+
+    @tf.function(input_signature=spec)
+    def run(x, rois):
+        pooled = dcn.deform_roi_pool(x, rois, output_size=(2, 3))
+        ps = dcn.deform_psroi_pool(x, rois, group_size=2, pooled_size=3)
+        assert pooled.shape.as_list() == [None, 2, 3, 12]
+        assert ps.shape.as_list() == [None, 3, 3, 3]
+        return pooled, ps
+
+    pooled, ps = run(tf.ones((1, 6, 6, 12)), tf.constant([[0, 0, 0, 4, 4]], tf.float32))
+    assert pooled.shape == (1, 2, 3, 12) and ps.shape == (1, 3, 3, 3)
 
 
 # --------------------------------------------------------------------------
