@@ -214,6 +214,21 @@ def _place(on_gpu, implementation=None):
     return HOST if get_cpu_backend() == "host" else NUMPY
 
 
+def check_algorithm(op, algorithm):
+    """``algorithm`` must be None or the name of one of ``op``'s registered
+    implementations (whether it can run a given call is :func:`choose`'s
+    question); the bridges call this when a call is traced."""
+    if algorithm is None:
+        return
+    if not isinstance(algorithm, str):
+        raise _validation.ArgumentTypeError(
+            f"algorithm must be None or a name (str), got {algorithm!r}")
+    if not any(i.name == algorithm for i in _op_table(op)):
+        raise _validation.ArgumentError(
+            f"algorithm must be None or one of {', '.join(algorithms(op))} "
+            f"for {op}, got {algorithm!r}")
+
+
 def choose(op, on_gpu, geo, algorithm=None, deterministic=False, empty=False):
     """(implementation, backend) for one call of ``op``.
 
@@ -223,6 +238,7 @@ def choose(op, on_gpu, geo, algorithm=None, deterministic=False, empty=False):
     backend wherever they are (they only allocate their results).
     """
     table = _op_table(op)
+    check_algorithm(op, algorithm)
     if empty and not on_gpu and algorithm is None:
         # No work: the kernel path only allocates the empty or zero results,
         # on the no-work backend, whatever the CPU backend (no compiler needed).
@@ -231,15 +247,7 @@ def choose(op, on_gpu, geo, algorithm=None, deterministic=False, empty=False):
                     and (implementation.deterministic or not deterministic)):
                 return implementation, _kernels.NoWorkBackend
     if algorithm is not None:
-        if not isinstance(algorithm, str):
-            raise _validation.ArgumentTypeError(
-                f"algorithm must be None or a name (str), got {algorithm!r}")
-        named = [i for i in table if i.name == algorithm]
-        if not named:
-            raise _validation.ArgumentError(
-                f"algorithm must be None or one of {', '.join(algorithms(op))} "
-                f"for {op}, got {algorithm!r}")
-        implementation = named[0]
+        implementation = next(i for i in table if i.name == algorithm)
         where = _place(on_gpu, implementation)
         reason = _why_not(implementation, where, geo, deterministic)
         if reason is not None:

@@ -115,11 +115,7 @@ class OpSpec(NamedTuple):
         implementations) raises the dispatcher's error naming those that
         exist, at the call; whether a named implementation can run a given
         call is decided where the call runs."""
-        if algorithm is None or any(i.name == algorithm for i in _dispatch._registry[self.name]):
-            return
-        # an unknown name (or not a str): choose raises before it reads a geometry
-        _dispatch.choose(self.name, False, None, algorithm)
-        raise AssertionError(f"the dispatcher accepted algorithm={algorithm!r}")  # never
+        _dispatch.check_algorithm(self.name, algorithm)
 
     def static_output_shapes(self, shapes, params):
         """The outputs' shapes by name from what is known when a call is
