@@ -352,3 +352,21 @@ def test_scripted_function_passes_the_algorithm(monkeypatch):
     scripted = torch.jit.script(ct.deform_conv2d)
     scripted(*conv_args(t, params), algorithm="reference")
     assert seen == [("deform_conv2d", "reference")]
+
+
+@SCRIPT_DEPRECATED
+@pytest.mark.parametrize("cls", [ct.DeformRoIPoolPack, ct.ModulatedDeformRoIPoolPack])
+def test_roi_packs_script_and_trace(cls):
+    torch.manual_seed(0)
+    x, rois, _, _, _ = roi_inputs(requires_grad=False)
+    pool = cls((3, 4), 3, 16, sampling_ratio=2).double()
+    for fc in (pool.offset_fc[-1],) + ((pool.mask_fc[-2],) if hasattr(pool, "mask_fc") else ()):
+        nn.init.normal_(fc.weight, std=0.1)  # offsets (and mask) away from their init
+    expected = pool(x, rois)
+    traced = torch.fx.symbolic_trace(pool)
+    assert len(op_nodes(traced.graph, ct.deform_roi_pool)) == 2
+    torch.testing.assert_close(traced(x, rois), expected, **EXACT)
+    torch.testing.assert_close(torch.jit.script(pool)(x, rois), expected, **EXACT)
+    # a raise compiled by TorchScript comes back as torch.jit.Error, message kept
+    with pytest.raises(torch.jit.Error, match=r"input.shape\[1\] must be output_channels = 3"):
+        torch.jit.script(pool)(x[:, :2], rois)

@@ -16,6 +16,7 @@ import math
 from typing import Optional
 
 import torch
+import torch.fx
 from torch import Tensor, nn
 from torch.nn.modules.utils import _pair
 
@@ -256,7 +257,10 @@ class DeformRoIPoolPack(DeformRoIPool):
         self.offset_fc = nn.Sequential(
             *_mmcv_fc(ph * pw * output_channels, deform_fc_channels, ph * pw * 2, layers=3))
 
-    def _check_channels(self, input):
+    def _check_channels(self, input: Tensor):
+        if not torch.jit.is_scripting():
+            if isinstance(input, torch.fx.Proxy):  # torch.fx symbolic tracing: no shape yet
+                return
         if input.shape[1] != self.output_channels:
             raise _validation.ArgumentError(f"input.shape[1] must be output_channels = "
                                             f"{self.output_channels}, got {input.shape[1]}")
