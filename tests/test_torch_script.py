@@ -11,6 +11,7 @@ forward and backward and gives the reference's numbers.
 
 import io
 import operator
+import pickle
 
 import pytest
 
@@ -191,7 +192,8 @@ def test_fx_traces_the_op_as_a_leaf():
     assert called == {ct.deform_conv2d, torch.chunk, torch.cat, torch.sigmoid,
                       torch.zeros_like, operator.getitem}, called
     torch.testing.assert_close(traced(x), net(x), **EXACT)
-    # a traced module traces again with the op still a leaf
+    # it pickles (the op by its public name) and traces again, the op still a leaf
+    torch.testing.assert_close(pickle.loads(pickle.dumps(traced))(x), net(x), **EXACT)
     retraced = torch.fx.symbolic_trace(traced)
     assert len(op_nodes(retraced.graph, ct.deform_conv2d)) == 4
     torch.testing.assert_close(retraced(x), net(x), **EXACT)

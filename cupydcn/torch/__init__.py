@@ -64,6 +64,12 @@ from cupydcn.torch.modules import (
     _MMCVDeformConv2d,  # noqa: F401  (cupydcn.torch.mmcv's)
 )
 
+# The entry points' public home (torch.fx prints and imports call_function
+# targets by module: "cupydcn.torch.deform_conv2d", as numpy names its functions)
+for _function in (deform_conv2d, deform_psroi_pool, deform_roi_pool):
+    _function.__module__ = __name__
+del _function
+
 __all__ = [
     "DeformConv2d",
     "DeformConv2dPack",
