@@ -24,7 +24,7 @@ torch = pytest.importorskip("torch", reason="the torch bridge tests need torch")
 
 import cupydcn
 import cupydcn.torch as ct
-from cupydcn import _dtypes
+from cupydcn import _dtypes, _ops
 from helpers import TOLERANCE, rel_err
 
 F64 = torch.float64
@@ -202,7 +202,8 @@ def test_backward_computes_only_what_autograd_needs(monkeypatch, wanted):
 
     monkeypatch.setattr(cupydcn, "deform_conv2d_backward", spy)
     call_conv(t, params).sum().backward()
-    assert seen == [tuple(n for n in ct._CONV_GRADIENTS if n in wanted)]
+    gradients = _ops.SPECS["deform_conv2d"].gradients
+    assert seen == [tuple(n for n in gradients if n in wanted)]
     for name, value in t.items():
         assert (value.grad is not None) == (name in wanted), name
 
@@ -244,11 +245,13 @@ def test_psroi_count_is_the_cores():
 
 def test_signature_is_torchvisions():
     # torchvision.ops.deform_conv2d's parameters and defaults (stride, padding
-    # and dilation also take ints here, as torchvision's do)
+    # and dilation also take ints here, as torchvision's do), then the core's
+    # algorithm=None
     parameters = inspect.signature(ct.deform_conv2d).parameters
     assert list(parameters) == ["input", "offset", "weight", "bias", "stride", "padding",
-                                "dilation", "mask"]
+                                "dilation", "mask", "algorithm"]
     assert parameters["bias"].default is None and parameters["mask"].default is None
+    assert parameters["algorithm"].default is None
 
 
 @pytest.mark.parametrize("groups,dg", [(1, 1), (2, 4)])

@@ -107,6 +107,13 @@ def check_opset():
     return opset
 
 
+def check_fake(op_name):
+    """What the fake implementation of ``torch.ops.cupydcn.<op_name>`` checks
+    for the exporters: deform_conv2d's opset (see :func:`check_opset`)."""
+    if op_name == "deform_conv2d":
+        check_opset()
+
+
 def _opset_message(opset):
     return (f"ONNX export of cupydcn's deform_conv2d: DeformConv needs opset_version >= "
             f"{DEFORM_CONV_OPSET}, got {opset}")
@@ -256,7 +263,8 @@ def _dtype(value):
     return value.type().dtype()
 
 
-def _symbolic_deform_conv2d(g, input, offset, weight, bias, stride, padding, dilation, mask):
+def _symbolic_deform_conv2d(g, input, offset, weight, bias, stride, padding, dilation, mask,
+                            _algorithm=None):
     op = "cupydcn::deform_conv2d"
     if g.opset < DEFORM_CONV_OPSET:
         raise _validation.ArgumentError(_opset_message(g.opset))
@@ -276,7 +284,7 @@ def _symbolic_deform_conv2d(g, input, offset, weight, bias, stride, padding, dil
 
 
 def _symbolic_deform_roi_pool(g, input, rois, offset, output_size, spatial_scale, sampling_ratio,
-                              gamma, mask):
+                              gamma, mask, _algorithm=None):
     ph, pw = output_size
     out = g.op(f"{DOMAIN}::DeformRoIPool", *_inputs(g, input, rois, offset, mask),
                output_size_i=[ph, pw], spatial_scale_f=spatial_scale,
@@ -287,7 +295,8 @@ def _symbolic_deform_roi_pool(g, input, rois, offset, output_size, spatial_scale
 
 
 def _symbolic_deform_psroi_pool(g, input, rois, trans, spatial_scale, output_dim, group_size,
-                                pooled_size, part_size, sample_per_part, trans_std):
+                                pooled_size, part_size, sample_per_part, trans_std,
+                                _algorithm=None):
     from torch.onnx import symbolic_helper
 
     op = "cupydcn::deform_psroi_pool"
@@ -314,12 +323,13 @@ def register_torchscript_symbolics():
     from torch.onnx import register_custom_op_symbolic, symbolic_helper
 
     parse = symbolic_helper.parse_args
+    # the last argument of each op, algorithm=, does not change the numbers: ignored
     symbolics = {
-        "deform_conv2d": parse("v", "v", "v", "v", "is", "is", "is", "v")(
+        "deform_conv2d": parse("v", "v", "v", "v", "is", "is", "is", "v", "v")(
             _symbolic_deform_conv2d),
-        "deform_roi_pool": parse("v", "v", "v", "is", "f", "i", "f", "v")(
+        "deform_roi_pool": parse("v", "v", "v", "is", "f", "i", "f", "v", "v")(
             _symbolic_deform_roi_pool),
-        "deform_psroi_pool": parse("v", "v", "v", "f", "v", "i", "i", "i", "i", "f")(
+        "deform_psroi_pool": parse("v", "v", "v", "f", "v", "i", "i", "i", "i", "f", "v")(
             _symbolic_deform_psroi_pool),
     }
     for name, symbolic in symbolics.items():
