@@ -176,11 +176,6 @@ def check_deform_conv2d(input, offset, weight, bias=None, stride=1, padding=0, d
     dilation = pair(dilation, "dilation", 1)
     B, C, H, W = check_rank(input, "input", "(B, C, H, W)")
     Cout, Cg, kh, kw = check_rank(weight, "weight", "(Cout, C/groups, kh, kw)")
-    dtype = dtype_of(input, "input")
-    for other, other_name in ((offset, "offset"), (weight, "weight"), (bias, "bias"),
-                              (mask, "mask"), (grad_output, "grad_output")):
-        if other is not None:
-            check_dtype_matches(input, "input", other, other_name)
     if kh < 1 or kw < 1:
         raise ArgumentError(f"weight.shape[2:] (kh, kw) must be >= 1, got {(kh, kw)}")
     if Cg < 1:
@@ -208,7 +203,8 @@ def check_deform_conv2d(input, offset, weight, bias=None, stride=1, padding=0, d
         raise ArgumentError(f"offset.shape[0] must be B = {B}, got {offset_shape[0]}")
     if offset_shape[1] < 2 * taps or offset_shape[1] % (2 * taps):
         raise ArgumentError(f"offset.shape[1] must be a positive multiple of 2*kh*kw = {2 * taps}, "
-                            f"got {offset_shape[1]}")
+                            f"got {offset_shape[1]} (the shape of the offset does not match "
+                            f"the kernel)")
     offset_groups = offset_shape[1] // (2 * taps)
     if C % offset_groups:
         raise ArgumentError(f"input.shape[1] (C = {C}) must be divisible by offset_groups = "
@@ -220,14 +216,23 @@ def check_deform_conv2d(input, offset, weight, bias=None, stride=1, padding=0, d
         expected = (B, offset_groups * taps, Ho, Wo)
         mask_shape = check_rank(mask, "mask", "(B, offset_groups*kh*kw, Ho, Wo)")
         if mask_shape != expected:
+            channels = ("" if mask_shape[1] == expected[1] else
+                        f" (mask.shape[1] is not valid: offset_groups*kh*kw = {expected[1]})")
             raise ArgumentError(
                 f"mask.shape must be (B, offset_groups*kh*kw, Ho, Wo) = {expected}, "
-                f"got {mask_shape}")
+                f"got {mask_shape}{channels}")
     if bias is not None and shape_of(bias) != (Cout,):
         raise ArgumentError(f"bias.shape must be (Cout,) = {(Cout,)}, got {shape_of(bias)}")
     if grad_output is not None and shape_of(grad_output) != (B, Cout, Ho, Wo):
         raise ArgumentError(f"grad_output.shape must be (B, Cout, Ho, Wo) = {(B, Cout, Ho, Wo)}, "
                             f"got {shape_of(grad_output)}")
+    # dtypes after shapes, as torchvision checks them (its test_wrong_sizes passes
+    # float64 inputs to a float32 layer and expects the shape error)
+    dtype = dtype_of(input, "input")
+    for other, other_name in ((offset, "offset"), (weight, "weight"), (bias, "bias"),
+                              (mask, "mask"), (grad_output, "grad_output")):
+        if other is not None:
+            check_dtype_matches(input, "input", other, other_name)
     return ConvGeometry(B, C, H, W, Cout, kh, kw, groups, offset_groups, Ho, Wo, stride, padding,
                         dilation, dtype)
 

@@ -921,6 +921,24 @@ def test_wrong_sizes_like_torchvision():
             layer(x, offset, torch.rand_like(mask[:, :2]))
 
 
+def test_wrong_sizes_exactly_as_torchvision_writes_it():
+    """torchvision's test_wrong_sizes word for word: float64 inputs to a float32
+    layer, and its messages ("the shape of the offset", "mask.shape[1] is not
+    valid"): the shape error comes before the dtype error, as in torchvision."""
+    in_channels, out_channels, kernel_size, groups = 6, 2, (3, 2), 2
+    x = torch.rand(10, in_channels, 5, 4, dtype=torch.float64)
+    offset = torch.rand(10, 2 * 3 * kernel_size[0] * kernel_size[1], 2, 3, dtype=torch.float64)
+    mask = torch.rand(10, 3 * kernel_size[0] * kernel_size[1], 2, 3, dtype=torch.float64)
+    layer = ct.DeformConv2d(in_channels, out_channels, kernel_size, stride=(2, 1),
+                            padding=(1, 0), dilation=(2, 1), groups=groups)
+    with pytest.raises(RuntimeError, match="the shape of the offset"):
+        layer(x, torch.rand_like(offset[:, :2]))
+    with pytest.raises(RuntimeError, match=r"mask.shape\[1\] is not valid"):
+        layer(x, offset, torch.rand_like(mask[:, :2]))
+    with pytest.raises(TypeError, match=r"weight\.dtype must"):
+        layer(x, offset, mask)  # the right shapes: now the dtypes are checked
+
+
 def test_results_are_tensors_torch_allocated(monkeypatch):
     """The op outputs and gradients are tensors from torch.empty that the core
     wrote into (not foreign memory wrapped through DLPack)."""
