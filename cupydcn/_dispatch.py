@@ -12,7 +12,9 @@ shared memory). Op modules register their implementations at import.
 
 :func:`choose` picks the implementation of a call: the one named by the
 caller's ``algorithm=``, or else the registered one of highest priority that
-applies; ``deterministic=True`` keeps only deterministic ones. What NumPy
+applies; ``deterministic=True`` keeps only deterministic ones, and so does
+the automatic choice on the CPU (the host backend runs blocks in parallel:
+results are bit-identical from run to run there as with the reference). What NumPy
 (and CPU framework) arrays run on is the CPU backend, set by
 :func:`set_cpu_backend` or ``$CUPYDCN_CPU_BACKEND``: ``"host"`` (the kernel
 source compiled for the CPU, the default when a C++ compiler is found) or
@@ -255,6 +257,12 @@ def choose(op, on_gpu, geo, algorithm=None, deterministic=False, empty=False):
                 f"algorithm {algorithm!r} cannot run this {op} call: {reason}")
     else:
         where = _place(on_gpu)
+        # On the CPU the automatic choice is deterministic: the host backend runs
+        # blocks on several cores, where float atomics would add in a different
+        # order from run to run (the NumPy reference, the CPU path before the
+        # host backend, always gave the same bits; gradcheck's reentrancy test
+        # needs them). The gathering backwards need no atomics at all.
+        deterministic = deterministic or where == HOST
         candidates = [i for i in table if _why_not(i, where, geo, deterministic) is None]
         if not candidates:
             reasons = "; ".join(f"{i.name}: {_why_not(i, where, geo, deterministic)}"

@@ -416,14 +416,24 @@ def test_algorithm_selects_the_implementation(op, algorithm, graph, monkeypatch)
 
     out, grads = (tf.function(run) if graph else run)(*(tf.constant(a) for a in arrays.values()))
     assert seen and set(seen) == {algorithm}, seen  # forward and backward alike
-    assert_same(out.numpy(), core(**arrays, **params, algorithm=algorithm), "forward")
+    from cupydcn import _dispatch
+
+    # an implementation with float atomics adds in another order on another run
+    # (the host backend runs blocks on several cores): the same bits only when
+    # it is deterministic, else float64's tolerance
+    if next(i for i in _dispatch._registry[op] if i.name == algorithm).deterministic:
+        same = assert_same
+    else:
+        def same(got, expected, what):
+            assert_close(got, expected, numpy.float64, what)
+    same(out.numpy(), core(**arrays, **params, algorithm=algorithm), "forward")
     assert_close(out.numpy(), core(**arrays, **params, algorithm="reference"), numpy.float64,
                  "forward against the reference")
     expected = core_backward(grad_output, **arrays, **params, algorithm=algorithm)
     exact = core_backward(grad_output, **arrays, **params, algorithm="reference")
     for name, grad in zip(names, grads):
         if name in expected._fields:
-            assert_same(grad.numpy(), getattr(expected, name), name)
+            same(grad.numpy(), getattr(expected, name), name)
             assert_close(grad.numpy(), getattr(exact, name), numpy.float64, f"{name} (reference)")
         else:
             assert grad is None, name  # rois
