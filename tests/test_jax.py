@@ -579,11 +579,21 @@ def test_algorithm_selects_the_implementation(op, algorithm, mode, monkeypatch):
     exact = core(**arrays, **params, algorithm="reference")
     expected_grads = core_backward(cotangent, **arrays, **params, algorithm=algorithm)
     exact_grads = core_backward(cotangent, **arrays, **params, algorithm="reference")
-    assert_same(out, expected, "forward")
+    from cupydcn import _dispatch
+
+    # an implementation with float atomics adds in another order on another run
+    # (the host backend runs blocks on several cores): the same bits only when
+    # it is deterministic, else float64's tolerance
+    if next(i for i in _dispatch._registry[op] if i.name == algorithm).deterministic:
+        same = assert_same
+    else:
+        def same(got, expected, what):
+            assert_close(got, expected, F64, what)
+    same(out, expected, "forward")
     assert_close(out, exact, F64, "forward against the reference")
     for name, grad in expected_grads._asdict().items():
         if grad is not None:
-            assert_same(grads[name], grad, name)
+            same(grads[name], grad, name)
             assert_close(grads[name], getattr(exact_grads, name), F64, f"{name} (reference)")
 
 
