@@ -49,7 +49,9 @@ class Implementation(NamedTuple):
     ``forward(backend, geo, *arrays)`` and ``backward(backend, geo, *arrays,
     wrt)`` are the op module's kernel paths (for the reference, adapters
     that ignore ``backend``); ``supports(geo)`` returns None when the
-    implementation applies to a call, else the reason it does not.
+    implementation applies to a call, else the reason it does not;
+    ``automatic(where, geo)`` says whether the automatic choice may take it
+    where it applies (a heuristic of where it is fastest).
     """
     name: str
     op: str
@@ -62,6 +64,9 @@ class Implementation(NamedTuple):
     supports: Optional[Callable] = None
     priority: int = 0                  # the automatic choice takes the highest that applies
     summary: str = ""
+    # (where, geo) -> bool: False keeps it out of the automatic choice there
+    # (it stays selectable by name); None: automatic wherever it applies.
+    automatic: Optional[Callable] = None
 
 
 OPS = ("deform_conv2d", "deform_roi_pool", "deform_psroi_pool")
@@ -247,7 +252,8 @@ def choose(op, on_gpu, geo, algorithm=None, deterministic=False, empty=False):
                 f"algorithm {algorithm!r} cannot run this {op} call: {reason}")
     else:
         where = _place(on_gpu)
-        candidates = [i for i in table if _why_not(i, where, geo, deterministic) is None]
+        candidates = [i for i in table if _why_not(i, where, geo, deterministic) is None
+                      and (i.automatic is None or i.automatic(where, geo))]
         if not candidates:
             reasons = "; ".join(f"{i.name}: {_why_not(i, where, geo, deterministic)}"
                                 for i in table)
