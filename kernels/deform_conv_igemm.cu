@@ -29,11 +29,19 @@
 #define DCN_IGEMM_SM80 1
 #endif
 
-namespace dcn_igemm {
-constexpr int BM = 64, BN = 64, BK = 16;
-constexpr int LDS = BK + 8;  // shared row stride: 16-byte rows, fewer bank conflicts
-constexpr int THREADS = 128;
+// Fixed-count loops over fragments are unrolled, so that acc[][][] stays in registers.
+#ifdef __CUDA_ARCH__
+#define DCN_UNROLL _Pragma("unroll")
+#else
+#define DCN_UNROLL
+#endif
 
+namespace dcn_igemm {
+constexpr int BM = 64, BN = 64, BK = 16;  // 128 threads (4 warps) per block
+constexpr int LDS = BK + 8;  // shared row stride: 16-byte rows, fewer bank conflicts
+// __launch_bounds__(128, 3 for the half types, else 1): the register budget with no
+// spills (nvcc --resource-usage, sm_80 and sm_90): at most 170 registers for the half
+// types (3+ blocks of 4 warps per SM), up to 255 for the float32/float64 SIMT tile.
 template <typename T> struct is_half { static constexpr bool value = false; };
 template <> struct is_half<dcn_half> { static constexpr bool value = true; };
 template <> struct is_half<dcn_bfloat16> { static constexpr bool value = true; };
@@ -55,7 +63,7 @@ __device__ __forceinline__ void mma16<dcn_bfloat16>(float* d, const unsigned int
 }  // namespace dcn_igemm
 
 template <typename T, typename I>
-__global__ void __launch_bounds__(128)
+__global__ void __launch_bounds__(128, dcn_igemm::is_half<T>::value ? 3 : 1)
 deform_conv_igemm(const T* __restrict__ input, const T* __restrict__ offset,
                   const T* __restrict__ mask, const T* __restrict__ weight,
                   const T* __restrict__ bias, T* __restrict__ out, I B, I C, I H, I W,
@@ -94,8 +102,11 @@ deform_conv_igemm(const T* __restrict__ input, const T* __restrict__ offset,
   const bool vec16 = (Kg % 8 == 0) && (((unsigned long long)weight & 15ull) == 0);
 
   A acc[2][4][4];
+  DCN_UNROLL
   for (int i = 0; i < 2; ++i)
+    DCN_UNROLL
     for (int j = 0; j < 4; ++j)
+      DCN_UNROLL
       for (int r = 0; r < 4; ++r) acc[i][j][r] = (A)0;
 
   for (I tap = 0; tap < taps; ++tap) {
@@ -171,6 +182,7 @@ deform_conv_igemm(const T* __restrict__ input, const T* __restrict__ offset,
           if (inside) {
             const T* plane = input + (pb * C + cin) * H * W;
             A s[4];
+            DCN_UNROLL
             for (int q = 0; q < 4; ++q) s[q] = corner[q] >= 0 ? dcn_load(plane[corner[q]]) : (A)0;
             v = wgt[0] * s[0] + wgt[1] * s[1] + wgt[2] * s[2] + wgt[3] * s[3];
           }
@@ -187,9 +199,11 @@ deform_conv_igemm(const T* __restrict__ input, const T* __restrict__ offset,
       // ---- multiply the tiles
       if constexpr (kHalfMma) {
         unsigned int a[2][4], b[4][2];
+        DCN_UNROLL
         for (int mi = 0; mi < 2; ++mi)  // rows 0-15 at k 0 (lanes 0-15), at k 8 (lanes 16-31)
           dcn_ldmatrix<4, false>(a[mi], a_tile,
                                  (wm + 16 * mi + lane % 16) * LDS + (lane / 16) * 8);
+        DCN_UNROLL
         for (int pair = 0; pair < 2; ++pair) {  // n 0-7 at k 0, k 8; n 8-15 at k 0, k 8
           unsigned int r[4];
           const int q = lane / 8;
@@ -200,14 +214,18 @@ deform_conv_igemm(const T* __restrict__ input, const T* __restrict__ offset,
           b[2 * pair + 1][0] = r[2];
           b[2 * pair + 1][1] = r[3];
         }
+        DCN_UNROLL
         for (int mi = 0; mi < 2; ++mi)
+          DCN_UNROLL
           for (int ni = 0; ni < 4; ++ni) mma16<T>(acc[mi][ni], a[mi], b[ni]);
       } else {
         bool done = false;
         if constexpr (kTf32) {
           if (use_tf32) {
+            DCN_UNROLL
             for (int kk = 0; kk < BK; kk += 8) {
               unsigned int a[2][4], b[4][2];
+              DCN_UNROLL
               for (int mi = 0; mi < 2; ++mi) {
                 const int row = wm + 16 * mi + g;
                 a[mi][0] = dcn_float_bits((float)a_tile[row * LDS + kk + t]);
@@ -215,12 +233,15 @@ deform_conv_igemm(const T* __restrict__ input, const T* __restrict__ offset,
                 a[mi][2] = dcn_float_bits((float)a_tile[row * LDS + kk + t + 4]);
                 a[mi][3] = dcn_float_bits((float)a_tile[(row + 8) * LDS + kk + t + 4]);
               }
+              DCN_UNROLL
               for (int ni = 0; ni < 4; ++ni) {
                 const int col = wn + 8 * ni + g;
                 b[ni][0] = dcn_float_bits(dcn_to_tf32((float)b_tile[col * LDS + kk + t]));
                 b[ni][1] = dcn_float_bits(dcn_to_tf32((float)b_tile[col * LDS + kk + t + 4]));
               }
+              DCN_UNROLL
               for (int mi = 0; mi < 2; ++mi)
+                DCN_UNROLL
                 for (int ni = 0; ni < 4; ++ni)
                   dcn_mma_m16n8k8_tf32(acc[mi][ni], a[mi], b[ni], acc[mi][ni]);
             }
@@ -228,15 +249,22 @@ deform_conv_igemm(const T* __restrict__ input, const T* __restrict__ offset,
           }
         }
         if (!done) {  // SIMT on the fragment layout: rows g, g+8; columns 2t, 2t+1
+          DCN_UNROLL
           for (int k = 0; k < BK; ++k) {
             A av[2][2], bv[4][2];
+            DCN_UNROLL
             for (int mi = 0; mi < 2; ++mi)
+              DCN_UNROLL
               for (int h = 0; h < 2; ++h)
                 av[mi][h] = dcn_load((T)a_tile[(wm + 16 * mi + g + 8 * h) * LDS + k]);
+            DCN_UNROLL
             for (int ni = 0; ni < 4; ++ni)
+              DCN_UNROLL
               for (int h = 0; h < 2; ++h)
                 bv[ni][h] = dcn_load((T)b_tile[(wn + 8 * ni + 2 * t + h) * LDS + k]);
+            DCN_UNROLL
             for (int mi = 0; mi < 2; ++mi)
+              DCN_UNROLL
               for (int ni = 0; ni < 4; ++ni) {
                 acc[mi][ni][0] += av[mi][0] * bv[ni][0];
                 acc[mi][ni][1] += av[mi][0] * bv[ni][1];
@@ -251,12 +279,16 @@ deform_conv_igemm(const T* __restrict__ input, const T* __restrict__ offset,
   }
 
   // ---- epilogue: bias, NCHW store
+  DCN_UNROLL
   for (int mi = 0; mi < 2; ++mi) {
+    DCN_UNROLL
     for (int h = 0; h < 2; ++h) {
       const I m = m0 + wm + 16 * mi + g + 8 * h;
       if (m >= M) continue;
       const I b = m / pixels, p = m % pixels;
+      DCN_UNROLL
       for (int ni = 0; ni < 4; ++ni) {
+        DCN_UNROLL
         for (int e = 0; e < 2; ++e) {
           const I n = n0 + wn + 8 * ni + 2 * t + e;
           if (n >= Coutg) continue;
