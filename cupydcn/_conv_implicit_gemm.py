@@ -34,6 +34,11 @@ measurements replace it): ``implicit_gemm`` for float16 and bfloat16 on CUDA,
   im2col stays the choice; TF32 only when asked by name.
 - the host CPU: the tiled kernel runs its threads as fibers with barriers,
   slower than im2col's plain loops and NumPy's BLAS: im2col stays the choice.
+
+Resources (nvcc 13 --resource-usage, 32/64-bit indices, no spills anywhere;
+blocks of 128 threads per SM from the registers): float16/bfloat16 91-96 /
+120-124 registers (5 / 4 blocks), 6 KiB static shared memory; float32 168
+(3 blocks), 12 KiB; float64 170-204 (2 blocks), 24 KiB.
 """
 
 from __future__ import annotations

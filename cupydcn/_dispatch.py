@@ -202,10 +202,10 @@ def _why_not(implementation, where, geo, deterministic):
                 f"{_kernels.HostBackend().compiler!r} was not found")
     if where == CUDA and not _cupy_importable():
         return "it needs CuPy, which is not installed"
-    if implementation.dtypes is not None and geo.dtype.name not in implementation.dtypes:
-        return f"it does not support {geo.dtype.name}"
     if deterministic and not implementation.deterministic:
         return "its backward is not deterministic (deterministic=True was asked)"
+    if implementation.dtypes is not None and geo.dtype.name not in implementation.dtypes:
+        return f"it does not support {geo.dtype.name}"
     if implementation.supports is not None:
         return implementation.supports(geo)
     return None

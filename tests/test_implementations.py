@@ -24,7 +24,8 @@ import pytest
 
 import cupydcn
 from cupydcn import _dispatch, _dtypes, _kernels, _ops
-from helpers import DTYPES, assert_close, dtype_name, rounded, to_numpy
+from helpers import (DTYPES, FORWARD_TOLERANCE_AS, assert_close, dtype_name, rounded,
+                     to_numpy)
 from roi_cases import (
     GRIDS, PS_KINDS, ROI_KINDS, PSCase, RoICase, assert_bit_identical, draw_ps_roi, draw_roi,
     draw_unit, near, ps_params, ps_positions, roi_acceptable, roi_params, typed_and_exact)
@@ -33,9 +34,6 @@ from test_deform_conv import make_case
 BATCHES = (0, 1, 33)
 CPU_PLACES = {_dispatch.HOST, _dispatch.NUMPY}
 BY_NAME = {dtype_name(dtype): dtype for dtype in DTYPES}
-# TF32 rounds float32 operands to float16's 10-bit mantissa (an explicit
-# opt-in): its forward is held to float16's tolerance, its gradients not.
-FORWARD_TOLERANCE_AS = {"implicit_gemm_tf32": numpy.float16}
 
 
 def implementations(places):
