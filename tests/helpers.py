@@ -2,14 +2,14 @@
 
 import numpy
 
-from cupydcn import _dtypes
+from cupydcn import _check, _dtypes
 
 # Relative-norm tolerances against the float64 reference (the dtype table's).
 TOLERANCE = {row.name: row.tolerance for row in _dtypes.DTYPES.values()}
-# Implementations held to another dtype's tolerance in the forward: TF32 rounds
-# float32 operands to float16's 10-bit mantissa (an explicit opt-in); their
-# gradients keep the dtype's own.
-FORWARD_TOLERANCE_AS = {"implicit_gemm_tf32": numpy.float16}
+# Implementations held to another dtype's tolerance in the forward (TF32: float16's),
+# as `cupydcn check` holds them; their gradients keep the dtype's own.
+FORWARD_TOLERANCE_AS = {name: numpy.dtype(other)
+                        for name, other in _check.FORWARD_TOLERANCE_AS.items()}
 DTYPES = [row.dtype.type for row in _dtypes.DTYPES.values()]
 
 
