@@ -361,3 +361,5 @@ _dispatch.register(_dispatch.Implementation(
     "reference", _OP, frozenset({_dispatch.NUMPY}), deterministic=True,
     forward=_reference_forward, backward=_reference_backward, priority=0,
     summary="the NumPy float64 reference (cupydcn.reference), rounded to the dtype"))
+
+from cupydcn import _conv_implicit_gemm  # noqa: E402,F401  (registers "implicit_gemm")

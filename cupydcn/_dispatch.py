@@ -51,7 +51,9 @@ class Implementation(NamedTuple):
     ``forward(backend, geo, *arrays)`` and ``backward(backend, geo, *arrays,
     wrt)`` are the op module's kernel paths (for the reference, adapters
     that ignore ``backend``); ``supports(geo)`` returns None when the
-    implementation applies to a call, else the reason it does not.
+    implementation applies to a call, else the reason it does not;
+    ``automatic(where, geo)`` says whether the automatic choice may take it
+    where it applies (a heuristic of where it is fastest).
     """
     name: str
     op: str
@@ -64,6 +66,9 @@ class Implementation(NamedTuple):
     supports: Optional[Callable] = None
     priority: int = 0                  # the automatic choice takes the highest that applies
     summary: str = ""
+    # (where, geo) -> bool: False keeps it out of the automatic choice there
+    # (it stays selectable by name); None: automatic wherever it applies.
+    automatic: Optional[Callable] = None
 
 
 OPS = ("deform_conv2d", "deform_roi_pool", "deform_psroi_pool")
@@ -199,10 +204,10 @@ def _why_not(implementation, where, geo, deterministic):
                 f"{_kernels.HostBackend().compiler!r} was not found")
     if where == CUDA and not _cupy_importable():
         return "it needs CuPy, which is not installed"
-    if implementation.dtypes is not None and geo.dtype.name not in implementation.dtypes:
-        return f"it does not support {geo.dtype.name}"
     if deterministic and not implementation.deterministic:
         return "its backward is not deterministic (deterministic=True was asked)"
+    if implementation.dtypes is not None and geo.dtype.name not in implementation.dtypes:
+        return f"it does not support {geo.dtype.name}"
     if implementation.supports is not None:
         return implementation.supports(geo)
     return None
@@ -263,7 +268,8 @@ def choose(op, on_gpu, geo, algorithm=None, deterministic=False, empty=False):
         # host backend, always gave the same bits; gradcheck's reentrancy test
         # needs them). The gathering backwards need no atomics at all.
         deterministic = deterministic or where == HOST
-        candidates = [i for i in table if _why_not(i, where, geo, deterministic) is None]
+        candidates = [i for i in table if _why_not(i, where, geo, deterministic) is None
+                      and (i.automatic is None or i.automatic(where, geo))]
         if not candidates:
             reasons = "; ".join(f"{i.name}: {_why_not(i, where, geo, deterministic)}"
                                 for i in table)

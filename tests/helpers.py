@@ -2,10 +2,14 @@
 
 import numpy
 
-from cupydcn import _dtypes
+from cupydcn import _check, _dtypes
 
 # Relative-norm tolerances against the float64 reference (the dtype table's).
 TOLERANCE = {row.name: row.tolerance for row in _dtypes.DTYPES.values()}
+# Implementations held to another dtype's tolerance in the forward (TF32: float16's),
+# as `cupydcn check` holds them; their gradients keep the dtype's own.
+FORWARD_TOLERANCE_AS = {name: numpy.dtype(other)
+                        for name, other in _check.FORWARD_TOLERANCE_AS.items()}
 DTYPES = [row.dtype.type for row in _dtypes.DTYPES.values()]
 
 

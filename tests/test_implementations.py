@@ -24,7 +24,8 @@ import pytest
 
 import cupydcn
 from cupydcn import _dispatch, _dtypes, _kernels, _ops
-from helpers import DTYPES, assert_close, dtype_name, rounded, to_numpy
+from helpers import (DTYPES, FORWARD_TOLERANCE_AS, assert_close, dtype_name, rounded,
+                     to_numpy)
 from roi_cases import (
     GRIDS, PS_KINDS, ROI_KINDS, PSCase, RoICase, assert_bit_identical, draw_ps_roi, draw_roi,
     draw_unit, near, ps_params, ps_positions, roi_acceptable, roi_params, typed_and_exact)
@@ -199,7 +200,8 @@ def compare_with_reference(op, name, outputs, grads, batch, dtype, record=None):
     output = outputs["output"]
     assert output.shape == ref_outputs["output"].shape, what
     assert output.dtype == numpy.dtype(dtype), what
-    errors = {"forward": assert_close(output, ref_outputs["output"], dtype, f"{what} forward")}
+    errors = {"forward": assert_close(output, ref_outputs["output"],
+                                      FORWARD_TOLERANCE_AS.get(name, dtype), f"{what} forward")}
     if "count" in ref_outputs:
         count = outputs["count"]
         assert count.dtype == _dtypes.lookup(dtype).acc, what

@@ -1,0 +1,131 @@
+"""The implicit-GEMM forward of deform_conv2d (kernels/deform_conv_igemm.cu).
+
+No columns buffer: per weight group, tiles of 64 output pixels x 64 output
+channels, K = kh*kw*(C/groups) in steps of 16 channels of one tap. The A
+operand (mask * bilinear sample) is computed straight into shared memory (each
+thread's sampling position and bilinear weights once per (pixel, tap), reused
+over the channels), the B operand (the weight, permuted to (Cout, kh, kw,
+C/groups), a copy of the small weight) staged with cp.async; float16/bfloat16
+multiply on tensor cores (mma.sync m16n8k16, f32 accumulation), float32 and
+float64 with SIMT FMAs in their own type on the same tiling; bias in the
+epilogue, NCHW output written in place. Its workspace is the permuted weight
+only, independent of the batch.
+
+Two implementations: ``implicit_gemm`` (every dtype, exact float32) and
+``implicit_gemm_tf32`` (float32 on tensor cores through TF32, m16n8k8: inputs
+rounded to 10-bit mantissas; an explicit opt-in, never chosen automatically).
+Their backward is the im2col backward (``_deform_conv.backward``, float atomics
+in col2im); the implicit-GEMM backward is another implementation.
+
+The automatic choice (a heuristic from a roofline prediction, until GPU
+measurements replace it): ``implicit_gemm`` for float16 and bfloat16 on CUDA,
+``im2col`` elsewhere.
+- float16/bfloat16 on CUDA: im2col writes and reads a columns buffer of
+  B*Ho*Wo*C*kh*kw floats (B8 C256 64x64 3x3: 302 MB, ~125 us of HBM traffic on
+  an H200 at 4.8 TB/s, before its GEMM) where this kernel moves ~40 MB (input,
+  offsets, mask, weight, output); its GEMM runs on tensor cores. The sample
+  build (4 gathers and ~10 FMAs per A element, repeated once per 64-channel
+  tile of N) is the predicted bound, ~1-2x the mma time for this simple
+  single-buffered 64x64 tile: forward predicted 2-4x cuDNN's dense bf16
+  convolution, 5-10x faster than torchvision's forward.
+- float32/float64: the SIMT GEMM of this kernel (~60 TFLOP/s peak f32, reached
+  at perhaps a third by a 64x64 tile without register blocking beyond 4x8)
+  is predicted no faster than cuBLAS on the columns buffer for large C, so
+  im2col stays the choice; TF32 only when asked by name.
+- the host CPU: the tiled kernel runs its threads as fibers with barriers,
+  slower than im2col's plain loops and NumPy's BLAS: im2col stays the choice.
+
+Resources (nvcc 13 --resource-usage, 32/64-bit indices, no spills anywhere;
+blocks of 128 threads per SM from the registers): float16/bfloat16 91-96 /
+120-124 registers (5 / 4 blocks), 6 KiB static shared memory; float32 168
+(3 blocks), 12 KiB; float64 170-204 (2 blocks), 24 KiB.
+"""
+
+from __future__ import annotations
+
+from cupydcn import _arrays, _deform_conv, _dispatch, _dtypes, _kernels
+
+_OP = "deform_conv2d"
+_FILE = "deform_conv_igemm"
+_KERNEL = "deform_conv_igemm"
+BLOCK = (128, 1, 1)
+TILE_M = TILE_N = 64
+_MAX_GRID_YZ = 65535
+_MAX_GRID_X = 2**31 - 1
+_HALF = frozenset({"float16", "bfloat16"})
+
+
+def _grid(geo):
+    M = geo.B * geo.Ho * geo.Wo
+    return (-(-M // TILE_M), -(-(geo.Cout // geo.groups) // TILE_N), geo.groups)
+
+
+def _supports(geo):
+    x, y, z = _grid(geo)
+    if y > _MAX_GRID_YZ or z > _MAX_GRID_YZ or x > _MAX_GRID_X:
+        return (f"its grid ({x}, {y}, {z}) of 64x64 output tiles exceeds CUDA's limits "
+                f"({_MAX_GRID_X}, {_MAX_GRID_YZ}, {_MAX_GRID_YZ})")
+    return None
+
+
+def _index_bits(geo):
+    taps = geo.kh * geo.kw
+    return _dtypes.index_bits(
+        geo.B * geo.C * geo.H * geo.W,
+        geo.B * geo.offset_groups * 2 * taps * geo.Ho * geo.Wo,
+        geo.B * geo.Cout * geo.Ho * geo.Wo,
+        geo.Cout * geo.C // geo.groups * taps,
+        # the kernel's tile origins and row indices: below the padded extents
+        (_grid(geo)[0] + 1) * TILE_M, (_grid(geo)[1] + 1) * TILE_N * geo.groups,
+    )
+
+
+def forward(backend, geo, input, offset, weight, bias=None, mask=None, tf32=False):
+    """out (B, Cout, Ho, Wo) of deform_conv2d by the implicit-GEMM kernel on
+    ``backend`` (validated arguments); ``tf32``: float32 on tensor cores."""
+    xp = backend.xp
+    out = _arrays.empty_result(xp, (geo.B, geo.Cout, geo.Ho, geo.Wo), geo.dtype.dtype)
+    if out.size == 0:
+        return out
+    input, offset, mask, bias = _kernels.contiguous(xp, input, offset, mask, bias)
+    # K tap-major: (Cout, kh, kw, C/groups), so a K tile is contiguous channels of one tap.
+    weight_k = xp.ascontiguousarray(weight.transpose(0, 2, 3, 1))
+    backend.launch(_FILE, _KERNEL, geo.dtype, _index_bits(geo), out.size,
+                   [input, offset, mask, weight_k, bias, out, geo.B, geo.C, geo.H, geo.W,
+                    geo.Cout, geo.groups, geo.kh, geo.kw, *geo.stride, *geo.padding,
+                    *geo.dilation, geo.Ho, geo.Wo, geo.offset_groups, int(tf32)],
+                   grid=_grid(geo), block=BLOCK)
+    return out
+
+
+def _forward(tf32):
+    def run(backend, geo, a):
+        return forward(backend, geo, a.input, a.offset, a.weight, a.bias, a.mask, tf32)
+    return run
+
+
+def _backward(backend, geo, a, wrt):
+    return _deform_conv.backward(backend, geo, a.grad_output, a.input, a.offset, a.weight,
+                                 a.mask, wrt, deterministic=False)
+
+
+def _automatic(where, geo):
+    """The heuristic of the module docstring: tensor cores on CUDA win for the half types."""
+    return where == _dispatch.CUDA and geo.dtype.name in _HALF
+
+
+_KERNELS = frozenset({_dispatch.CUDA, _dispatch.HOST})
+_dispatch.register(_dispatch.Implementation(
+    "implicit_gemm", _OP, _KERNELS, deterministic=False, forward=_forward(False),
+    backward=_backward, launch=_dispatch.Launch(_FILE, block=BLOCK), supports=_supports,
+    priority=30, automatic=_automatic,
+    summary="implicit GEMM forward (bilinear samples built in shared memory, no columns "
+            "buffer; float16/bfloat16 on tensor cores, float32/float64 SIMT); backward: "
+            "the im2col backward (col2im with float atomics)"))
+_dispatch.register(_dispatch.Implementation(
+    "implicit_gemm_tf32", _OP, _KERNELS, deterministic=False, forward=_forward(True),
+    backward=_backward, launch=_dispatch.Launch(_FILE, block=BLOCK),
+    dtypes=frozenset({"float32"}), supports=_supports, priority=-10,
+    automatic=lambda where, geo: False,
+    summary="implicit GEMM forward, float32 on tensor cores through TF32 (explicit "
+            "opt-in: inputs rounded to 10-bit mantissas); backward: the im2col backward"))
