@@ -29,12 +29,11 @@ Timing and memory go through a clock, so the CPU test tier runs the whole
 pipeline (parsing, cases, gate, table, JSON, CSV, plot) on NumPy arrays and
 torch CPU tensors with a fake one: ``main(argv, platform=CpuPlatform(clock))``.
 
-TF32 (``--tf32``): cupydcn's float32 GEMMs go through CuPy's ``matmul``, whose
-cuBLAS compute type is CuPy's per-dtype setting
+TF32 (``--tf32``): cupydcn's float32 GEMMs call cuBLAS themselves and use
+TF32 only after :func:`cupydcn.set_tf32` (never from ``CUPY_TF32``); the bench
+sets it, and CuPy's own per-dtype setting
 ``cupy._core._routines_linalg.set_compute_type(numpy.float32, COMPUTE_TYPE_TF32)``
-(CuPy 13/14; effective for the next matmul, compute capability 8.0 and up).
-The environment variable ``CUPY_TF32=1`` only seeds that setting, at the first
-float32 matmul of the process, so the bench sets it directly, both ways. torch:
+for any CuPy matmul, both ways. torch:
 ``torch.backends.cuda.matmul.fp32_precision`` and
 ``torch.backends.cudnn.conv.fp32_precision`` ("tf32" or "ieee"), or the older
 ``allow_tf32`` flags where torch predates those. Without ``--tf32`` every
@@ -527,12 +526,16 @@ class GpuPlatform:
         wanted = linalg.COMPUTE_TYPE_TF32 if enabled else linalg.COMPUTE_TYPE_DEFAULT
         linalg.set_compute_type(numpy.float32, wanted)
         effective = linalg.get_compute_type(numpy.float32)
-        return previous, linalg.compute_type_to_str(effective)
+        previous_cupydcn = _config.set_tf32(bool(enabled))
+        return (previous, previous_cupydcn), (
+            f"{linalg.compute_type_to_str(effective)} (cupydcn's own GEMMs: "
+            f"{'TF32' if _config.get_tf32() else 'IEEE float32'})")
 
     def restore_tf32(self, previous):
         from cupy._core import _routines_linalg as linalg
 
-        linalg.set_compute_type(numpy.float32, previous)
+        linalg.set_compute_type(numpy.float32, previous[0])
+        _config.set_tf32(previous[1])
 
     def device_info(self):
         cupy, props = self.cupy, self.props
