@@ -1,11 +1,22 @@
 """Deformable convolution v1/v2: array in, array out, forward and backward.
 
-The kernel path is deformable im2col (kernels/deform_conv.cu) + one batched
-GEMM over the weight groups (cuBLAS through ``xp.matmul`` on the GPU), in tiles
-of images or output rows bounded by the workspace limit; it runs on CuPy and on
-the host build of the same kernels (``_kernels.HostBackend``). Its
-implementations, and the NumPy reference's, are registered with the dispatcher
-(``_dispatch``), which picks one per call.
+The kernel path is deformable im2col (kernels/deform_conv.cu) into a cached
+workspace, columns in the storage type, + per weight group one strided batched
+GEMM (``_gemm``: cuBLAS ``gemmStridedBatchedEx`` on the GPU, float32
+accumulation for float16/bfloat16 on tensor cores, TF32 only after
+``set_tf32``) that writes straight into the output, in tiles of images or
+output rows bounded by the workspace limit; it runs on CuPy and on the host
+build of the same kernels (``_kernels.HostBackend``). Its implementations, and
+the NumPy reference's, are registered with the dispatcher (``_dispatch``),
+which picks one per call.
+
+Automatic choice (a heuristic until GPU measurements replace it, see
+benchmarks/NOTES.md): ``im2col`` (priority 20) for every shape and dtype: with
+half columns its GEMM runs on tensor cores (predicted 2-3x faster than
+torchvision's float16 forward+backward on the suite's shapes), its cost is one
+columns write and read per pass; ``im2col_deterministic`` (10) only when
+``deterministic=True`` asks for it; ``reference`` (0) on the CPU without a
+compiler.
 """
 
 from __future__ import annotations

@@ -31,7 +31,7 @@ from __future__ import annotations
 
 import numpy
 
-from cupydcn import _config, _dtypes
+from cupydcn import _config, _dtypes, _validation
 
 # cudaDataType_t and cublasComputeType_t (library_types.h, cublas_api.h).
 _CUDA_R_32F, _CUDA_R_64F, _CUDA_R_16F, _CUDA_R_16BF = 0, 1, 2, 14
@@ -50,7 +50,7 @@ def _cuda_type(dtype):
         return _CUDA_R_32F
     if dtype == numpy.float64:
         return _CUDA_R_64F
-    raise TypeError(f"gemm: no cuBLAS type for {dtype}")
+    raise _validation.ArgumentTypeError(f"gemm: no cuBLAS type for {dtype}")
 
 
 def compute_type(dtype, tf32=None):
@@ -155,13 +155,14 @@ def _cublas_gemm(xp, a, b, c, accumulate):
         if _layout(b) is None:
             b = xp.ascontiguousarray(b)
         if _layout(c) is None or _layout(c)[0] != _OP_N:
-            raise ValueError(f"gemm: c must have unit column stride, got strides {c.strides}")
+            raise _validation.ArgumentError(
+                f"gemm: c must have unit column stride, got strides {c.strides}")
         args = cublas_arguments(a, b, c)
     transa, transb, m, n, k, lda, stride_a, ldb, stride_b, ldc, stride_c, batch = args
     if max(m, n, k, lda, ldb, ldc, batch) > _dtypes.INT32_LIMIT:
-        raise ValueError(f"gemm: a dimension passes cuBLAS's int range (m={m}, n={n}, k={k}, "
-                         f"lda={lda}, ldb={ldb}, ldc={ldc}, batch={batch}); lower the "
-                         f"workspace limit")
+        raise _validation.ArgumentError(
+            f"gemm: a dimension passes cuBLAS's int range (m={m}, n={n}, k={k}, lda={lda}, "
+            f"ldb={ldb}, ldc={ldc}, batch={batch}); lower the workspace limit")
     compute = compute_type(a.dtype)
     scale = numpy.float64 if compute == COMPUTE_64F else numpy.float32
     alpha = numpy.ones((), scale)
