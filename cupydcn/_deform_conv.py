@@ -310,6 +310,21 @@ def _col2im_gather(backend, geo, bits, tile, grad_columns, offset, mask, grad_in
                     *args])
 
 
+def _bias_gradient(xp, geo, grad_output):
+    """sum over (b, y, x) of grad_output in the accumulation type: one GEMM of
+    the (B*Cout, Ho*Wo) rows with a ones vector (no converted copy), then the
+    sum over the batch of the (B, Cout) partial sums."""
+    acc = geo.dtype.acc
+    pixels = geo.Ho * geo.Wo
+    if geo.B * geo.Cout * pixels == 0:
+        return xp.zeros(geo.Cout, acc)
+    rows = geo.B * geo.Cout
+    sums = xp.empty((1, rows, 1), acc)
+    _gemm.gemm(xp, _gemm.strided(xp, grad_output, 0, (1, rows, pixels), (0, pixels, 1)),
+               xp.ones((1, pixels, 1), grad_output.dtype), sums)
+    return sums.reshape(geo.B, geo.Cout).sum(axis=0)
+
+
 def backward(backend, geo, grad_output, input, offset, weight, mask, wrt, deterministic=False):
     """The kernel path of deform_conv2d_backward; ``wrt`` a set of GRADIENTS.
 
@@ -327,11 +342,11 @@ def backward(backend, geo, grad_output, input, offset, weight, mask, wrt, determ
     grad_mask = _arrays.empty_result(xp, mask.shape, dtype) if "mask" in wrt else None
     grad_weight = (xp.zeros((groups, geo.Cout // groups, geo.C // groups * geo.kh * geo.kw), acc)
                    if "weight" in wrt else None)
-    grad_bias = (_arrays.result(xp, grad_output.sum(axis=(0, 2, 3), dtype=acc), dtype)
+    grad_output, input, offset, weight, mask = _kernels.contiguous(
+        xp, grad_output, input, offset, weight, mask)
+    grad_bias = (_arrays.result(xp, _bias_gradient(xp, geo, grad_output), dtype)
                  if "bias" in wrt else None)
     if geo.B * geo.Ho * geo.Wo and geo.Cout and wrt - {"bias"}:
-        grad_output, input, offset, weight, mask = _kernels.contiguous(
-            xp, grad_output, input, offset, weight, mask)
         plan = tiles(geo)
         if deterministic and grad_input is not None:
             plan = key_safe(geo, plan)

@@ -37,6 +37,7 @@ from cupydcn import _config, _dtypes, _validation
 _CUDA_R_32F, _CUDA_R_64F, _CUDA_R_16F, _CUDA_R_16BF = 0, 1, 2, 14
 COMPUTE_32F, COMPUTE_32F_PEDANTIC, COMPUTE_64F, COMPUTE_32F_FAST_TF32 = 68, 69, 70, 77
 _OP_N, _OP_T = 0, 1
+_POINTER_MODE_HOST = 0
 _GEMM_DEFAULT = -1
 
 
@@ -168,6 +169,7 @@ def _cublas_gemm(xp, a, b, c, accumulate):
     alpha = numpy.ones((), scale)
     beta = numpy.array(1 if accumulate else 0, scale)
     handle = xp.cuda.device.get_cublas_handle()
+    cublas.setPointerMode(handle, _POINTER_MODE_HOST)  # alpha, beta: host scalars
     cublas.gemmStridedBatchedEx(
         handle, transa, transb, m, n, k, alpha.ctypes.data,
         b.data.ptr, _cuda_type(b.dtype), lda, stride_a,
