@@ -275,3 +275,58 @@ def test_a_wrong_column_index_in_im2col_fails(host):
                                   sources={"deform_conv": wrong})
     out, _ = run_kernels(broken, typed, params, wrt=())
     assert rel_err(out, ref_out) > 1e-3
+
+
+# ------------------------------------------------------------------ GPU tier
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", DTYPES, ids=dtype_name)
+@pytest.mark.parametrize("accumulate", [False, True])
+def test_cublas_gemm_matches_the_host_emulation(gpu, dtype, accumulate):
+    """The same strided views on CuPy arrays: cuBLAS gives the host's numbers
+    within the dtype's tolerance, and writes only inside the view."""
+    import cupy
+
+    rng = numpy.random.default_rng(2)
+    row = _dtypes.lookup(dtype)
+    weight = rng.standard_normal((5, 7)).astype(dtype)
+    bbuf = rng.standard_normal((5, 40)).astype(dtype)
+    for out_dtype in (row.dtype, row.acc):
+        cbuf = rng.standard_normal((3 * 7 * 9,)).astype(out_dtype)
+        results = []
+        for xp, cast in ((numpy, numpy.array), (cupy, cupy.asarray)):
+            w, b, c = cast(weight), cast(bbuf), cast(cbuf)
+            _gemm.gemm(xp, _gemm.strided(xp, w, 0, (3, 7, 5), (0, 1, 7)),
+                       _gemm.strided(xp, b, 2, (3, 5, 6), (11, 40, 1)),
+                       _gemm.strided(xp, c, 0, (3, 7, 6), (63, 9, 1)), accumulate=accumulate)
+            results.append(c.get() if xp is cupy else c)
+        assert rel_err(results[1], results[0]) <= row.tolerance / 10
+
+
+@pytest.mark.gpu
+def test_cublas_float32_ignores_cupy_tf32(gpu):
+    """With CuPy's TF32 switched on, cupydcn's float32 GEMM stays IEEE float32
+    (1e-5 on a long sum where TF32 is off by ~4e-4); set_tf32 changes it."""
+    import cupy
+    from cupy._core import _routines_linalg as linalg
+
+    rng = numpy.random.default_rng(3)
+    a = rng.standard_normal((1, 64, 4096)).astype(numpy.float32)
+    b = rng.standard_normal((1, 4096, 64)).astype(numpy.float32)
+    exact = numpy.matmul(a.astype(numpy.float64), b.astype(numpy.float64))
+    previous = linalg.get_compute_type(numpy.float32)
+    linalg.set_compute_type(numpy.float32, linalg.COMPUTE_TYPE_TF32)
+    try:
+        errors = []
+        for tf32 in (False, True):
+            before = cupydcn.set_tf32(tf32)
+            try:
+                c = cupy.empty((1, 64, 64), numpy.float32)
+                _gemm.gemm(cupy, cupy.asarray(a), cupy.asarray(b), c)
+            finally:
+                cupydcn.set_tf32(before)
+            errors.append(rel_err(c, exact))
+    finally:
+        linalg.set_compute_type(numpy.float32, previous)
+    assert errors[0] <= 1e-5, errors
+    assert errors[1] > 1e-4, errors
