@@ -16,7 +16,7 @@ and every bridge, each naming the argument, the value received and the value
 expected.
 """
 
-from cupydcn._config import get_workspace_limit, set_workspace_limit
+from cupydcn._config import get_tf32, get_workspace_limit, set_tf32, set_workspace_limit
 from cupydcn._dispatch import algorithms, get_cpu_backend, set_cpu_backend
 from cupydcn._deform_conv import DeformConv2dGrads, deform_conv2d, deform_conv2d_backward
 from cupydcn._validation import ArgumentError, ArgumentTypeError
@@ -45,7 +45,9 @@ __all__ = [
     "deform_roi_pool",
     "deform_roi_pool_backward",
     "get_cpu_backend",
+    "get_tf32",
     "get_workspace_limit",
     "set_cpu_backend",
+    "set_tf32",
     "set_workspace_limit",
 ]

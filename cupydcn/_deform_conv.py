@@ -1,11 +1,22 @@
 """Deformable convolution v1/v2: array in, array out, forward and backward.
 
-The kernel path is deformable im2col (kernels/deform_conv.cu) + one batched
-GEMM over the weight groups (cuBLAS through ``xp.matmul`` on the GPU), in tiles
-of images or output rows bounded by the workspace limit; it runs on CuPy and on
-the host build of the same kernels (``_kernels.HostBackend``). Its
-implementations, and the NumPy reference's, are registered with the dispatcher
-(``_dispatch``), which picks one per call.
+The kernel path is deformable im2col (kernels/deform_conv.cu) into a cached
+workspace, columns in the storage type, + per weight group one strided batched
+GEMM (``_gemm``: cuBLAS ``gemmStridedBatchedEx`` on the GPU, float32
+accumulation for float16/bfloat16 on tensor cores, TF32 only after
+``set_tf32``) that writes straight into the output, in tiles of images or
+output rows bounded by the workspace limit; it runs on CuPy and on the host
+build of the same kernels (``_kernels.HostBackend``). Its implementations, and
+the NumPy reference's, are registered with the dispatcher (``_dispatch``),
+which picks one per call.
+
+Automatic choice (a heuristic until GPU measurements replace it, see
+benchmarks/NOTES.md): ``im2col`` (priority 20) for every shape and dtype: with
+half columns its GEMM runs on tensor cores (predicted 2-3x faster than
+torchvision's float16 forward+backward on the suite's shapes), its cost is one
+columns write and read per pass; ``im2col_deterministic`` (10) only when
+``deterministic=True`` asks for it; ``reference`` (0) on the CPU without a
+compiler.
 """
 
 from __future__ import annotations
@@ -14,7 +25,8 @@ from typing import NamedTuple
 
 import numpy
 
-from cupydcn import _arrays, _config, _dispatch, _dtypes, _kernels, _validation, reference
+from cupydcn import (_arrays, _config, _dispatch, _dtypes, _gemm, _kernels, _validation,
+                     reference)
 
 _OP = "deform_conv2d"
 _FILE = "deform_conv"
@@ -143,9 +155,12 @@ class _Tile(NamedTuple):
         return self.nb * self.nrows
 
 
-def tiles(geo):
-    """Chunks of (images, output rows) whose columns fit the workspace limit."""
-    row_bytes = geo.C * geo.kh * geo.kw * geo.Wo * geo.dtype.acc.itemsize
+def tiles(geo, itemsize=None):
+    """Chunks of (images, output rows) whose columns of ``itemsize`` bytes
+    (default the accumulation type's: the backward's columns gradient) fit the
+    workspace limit."""
+    itemsize = geo.dtype.acc.itemsize if itemsize is None else itemsize
+    row_bytes = geo.C * geo.kh * geo.kw * geo.Wo * itemsize
     limit = _config.get_workspace_limit()
     image_bytes = row_bytes * geo.Ho
     if image_bytes <= limit:
@@ -213,34 +228,67 @@ def _geometry_args(geo, tile):
 
 
 def _im2col(backend, geo, bits, tile, input, offset, mask):
-    xp = backend.xp
-    columns = _config.empty(xp, (geo.C * geo.kh * geo.kw, tile.out_rows * geo.Wo), geo.dtype.acc)
+    """The tile's columns (C*kh*kw, nb*nrows*Wo) in the storage type, in the
+    cached workspace."""
+    columns = _config.workspace(backend.xp, (geo.C * geo.kh * geo.kw, tile.out_rows * geo.Wo),
+                                geo.dtype.dtype)
     backend.launch(_FILE, "deform_im2col", geo.dtype, bits, geo.C * tile.out_rows * geo.Wo,
                    [input, offset, mask, columns, *_geometry_args(geo, tile)])
     return columns
 
 
+# The GEMM operands, strided views of the buffers where they lie (_gemm):
+# weight group g (Cout/groups, K) with K = C/groups*kh*kw, broadcast over the
+# tile's images; the columns of group g per image (K, nrows*Wo); and an
+# (B, Cout, Ho, Wo) array's group g and tile rows per image (Cout/groups,
+# nrows*Wo), with row stride Ho*Wo: the output, or grad_output, in place.
+
+def _group_sizes(geo):
+    return geo.Cout // geo.groups, geo.C // geo.groups * geo.kh * geo.kw
+
+
+def _weight_matrices(xp, geo, weight, g, n, transpose=False):
+    cg, k = _group_sizes(geo)
+    if transpose:
+        return _gemm.strided(xp, weight, g * cg * k, (n, k, cg), (0, 1, k))
+    return _gemm.strided(xp, weight, g * cg * k, (n, cg, k), (0, k, 1))
+
+
+def _column_matrices(xp, geo, columns, g, tile):
+    _, k = _group_sizes(geo)
+    pixels, ncols = tile.nrows * geo.Wo, tile.out_rows * geo.Wo
+    return _gemm.strided(xp, columns, g * k * ncols, (tile.nb, k, pixels), (pixels, ncols, 1))
+
+
+def _image_matrices(xp, geo, array, g, tile):
+    cg, _ = _group_sizes(geo)
+    plane = geo.Ho * geo.Wo
+    return _gemm.strided(xp, array, (tile.b0 * geo.Cout + g * cg) * plane + tile.oy0 * geo.Wo,
+                         (tile.nb, cg, tile.nrows * geo.Wo), (geo.Cout * plane, plane, 1))
+
+
 def forward(backend, geo, input, offset, weight, bias=None, mask=None):
-    """The kernel path of deform_conv2d on ``backend`` (validated arguments)."""
+    """The kernel path of deform_conv2d on ``backend`` (validated arguments).
+
+    Per tile: im2col into the cached workspace, then per weight group one
+    batched GEMM over the tile's images that writes ``weight @ columns``
+    straight into ``out`` (after the bias, which the GEMM adds with beta = 1:
+    one rounding to the storage type)."""
     xp = backend.xp
-    acc = geo.dtype.acc
     out = _arrays.empty_result(xp, (geo.B, geo.Cout, geo.Ho, geo.Wo), geo.dtype.dtype)
     if out.size == 0:
         return out
-    input, offset, mask = _kernels.contiguous(xp, input, offset, mask)
-    plan = tiles(geo)
+    input, offset, weight, mask = _kernels.contiguous(xp, input, offset, weight, mask)
+    plan = tiles(geo, geo.dtype.dtype.itemsize)
     bits = _index_bits(geo, plan)
-    groups = geo.groups
-    weight_g = weight.astype(acc).reshape(groups, geo.Cout // groups, -1)
-    bias_acc = None if bias is None else bias.astype(acc)[:, None, None, None]
+    if bias is not None:
+        out[...] = bias.reshape(1, geo.Cout, 1, 1)
     for tile in plan:
         columns = _im2col(backend, geo, bits, tile, input, offset, mask)
-        result = xp.matmul(weight_g, columns.reshape(groups, -1, columns.shape[1]))
-        result = result.reshape(geo.Cout, tile.nb, tile.nrows, geo.Wo)
-        if bias_acc is not None:
-            result += bias_acc
-        out[tile.b0:tile.b0 + tile.nb, :, tile.oy0:tile.oy0 + tile.nrows] = (
-            result.transpose(1, 0, 2, 3))
+        for g in range(geo.groups):
+            _gemm.gemm(xp, _weight_matrices(xp, geo, weight, g, tile.nb),
+                       _column_matrices(xp, geo, columns, g, tile),
+                       _image_matrices(xp, geo, out, g, tile), accumulate=bias is not None)
     return out
 
 
@@ -262,8 +310,29 @@ def _col2im_gather(backend, geo, bits, tile, grad_columns, offset, mask, grad_in
                     *args])
 
 
+def _bias_gradient(xp, geo, grad_output):
+    """sum over (b, y, x) of grad_output in the accumulation type: one GEMM of
+    the (B*Cout, Ho*Wo) rows with a ones vector (no converted copy), then the
+    sum over the batch of the (B, Cout) partial sums."""
+    acc = geo.dtype.acc
+    pixels = geo.Ho * geo.Wo
+    if geo.B * geo.Cout * pixels == 0:
+        return xp.zeros(geo.Cout, acc)
+    rows = geo.B * geo.Cout
+    sums = xp.empty((1, rows, 1), acc)
+    _gemm.gemm(xp, _gemm.strided(xp, grad_output, 0, (1, rows, pixels), (0, pixels, 1)),
+               xp.ones((1, pixels, 1), grad_output.dtype), sums)
+    return sums.reshape(geo.B, geo.Cout).sum(axis=0)
+
+
 def backward(backend, geo, grad_output, input, offset, weight, mask, wrt, deterministic=False):
-    """The kernel path of deform_conv2d_backward; ``wrt`` a set of GRADIENTS."""
+    """The kernel path of deform_conv2d_backward; ``wrt`` a set of GRADIENTS.
+
+    Per tile: the columns' gradient ``weight^T @ grad_output`` (a GEMM reading
+    grad_output and the weight where they lie, writing float32 for the half
+    types) into the cached workspace, the offset/mask and input gradient
+    kernels, then im2col into the same workspace and the weight gradient
+    ``grad_output @ columns^T`` added in place per image."""
     xp = backend.xp
     dtype, acc = geo.dtype.dtype, geo.dtype.acc
     groups = geo.groups
@@ -273,23 +342,25 @@ def backward(backend, geo, grad_output, input, offset, weight, mask, wrt, determ
     grad_mask = _arrays.empty_result(xp, mask.shape, dtype) if "mask" in wrt else None
     grad_weight = (xp.zeros((groups, geo.Cout // groups, geo.C // groups * geo.kh * geo.kw), acc)
                    if "weight" in wrt else None)
-    grad_bias = (_arrays.result(xp, grad_output.astype(acc).sum(axis=(0, 2, 3)), dtype)
+    grad_output, input, offset, weight, mask = _kernels.contiguous(
+        xp, grad_output, input, offset, weight, mask)
+    grad_bias = (_arrays.result(xp, _bias_gradient(xp, geo, grad_output), dtype)
                  if "bias" in wrt else None)
     if geo.B * geo.Ho * geo.Wo and geo.Cout and wrt - {"bias"}:
-        grad_output, input, offset, mask = _kernels.contiguous(xp, grad_output, input, offset, mask)
-        weight_g = weight.astype(acc).reshape(groups, geo.Cout // groups, -1)
         plan = tiles(geo)
         if deterministic and grad_input is not None:
             plan = key_safe(geo, plan)
         bits = _index_bits(geo, plan)
+        cg, k = _group_sizes(geo)
+        plane = geo.Ho * geo.Wo
         for tile in plan:
-            grad_out = grad_output[tile.b0:tile.b0 + tile.nb, :, tile.oy0:tile.oy0 + tile.nrows]
-            grad_out = xp.ascontiguousarray(grad_out.astype(acc).transpose(1, 0, 2, 3))
-            grad_out = grad_out.reshape(groups, geo.Cout // groups, -1)
             n_columns = tile.out_rows * geo.Wo
             if wrt & {"input", "offset", "mask"}:
-                grad_columns = xp.ascontiguousarray(
-                    xp.matmul(weight_g.transpose(0, 2, 1), grad_out).reshape(-1, n_columns))
+                grad_columns = _config.workspace(xp, (geo.C * geo.kh * geo.kw, n_columns), acc)
+                for g in range(groups):
+                    _gemm.gemm(xp, _weight_matrices(xp, geo, weight, g, tile.nb, transpose=True),
+                               _image_matrices(xp, geo, grad_output, g, tile),
+                               _column_matrices(xp, geo, grad_columns, g, tile))
                 args = _geometry_args(geo, tile)
                 if grad_offset is not None or grad_mask is not None:
                     backend.launch(_FILE, "deform_col2im_coord", geo.dtype, bits,
@@ -304,8 +375,15 @@ def backward(backend, geo, grad_output, input, offset, weight, mask, wrt, determ
                                    [grad_columns, offset, mask, grad_input, *args])
             if grad_weight is not None:
                 columns = _im2col(backend, geo, bits, tile, input, offset, mask)
-                columns = columns.reshape(groups, -1, n_columns)
-                grad_weight += xp.matmul(grad_out, columns.transpose(0, 2, 1))
+                pixels = tile.nrows * geo.Wo
+                for bi in range(tile.nb):
+                    b = tile.b0 + bi
+                    grad_out = _gemm.strided(xp, grad_output,
+                                             b * geo.Cout * plane + tile.oy0 * geo.Wo,
+                                             (groups, cg, pixels), (cg * plane, plane, 1))
+                    columns_t = _gemm.strided(xp, columns, bi * pixels, (groups, pixels, k),
+                                              (k * n_columns, 1, n_columns))
+                    _gemm.gemm(xp, grad_out, columns_t, grad_weight, accumulate=True)
     elif grad_offset is not None or grad_mask is not None:
         for g in (grad_offset, grad_mask):
             if g is not None:

@@ -212,6 +212,7 @@ class CupyBackend:
 
         self.xp = cupy
         self._modules = {}
+        self._functions = {}
         self._lock = threading.Lock()
 
     def module(self, file, dtype, bits):
@@ -230,6 +231,18 @@ class CupyBackend:
                     self._modules[key] = module
         return module
 
+    def function(self, file, kernel, dtype, bits, template=()):
+        """The cached function object of ``kernel<T, I, *template>`` on the
+        current device (one dictionary lookup per launch)."""
+        key = (self.xp.cuda.Device().id, _file_name(file), kernel, dtype.name, bits,
+               tuple(template))
+        function = self._functions.get(key)
+        if function is None:
+            function = self.module(file, dtype, bits).get_function(
+                template_name(kernel, dtype, bits, template))
+            self._functions[key] = function
+        return function
+
     def launch(self, file, kernel, dtype, bits, n, args, *, grid=None, block=None, shared=0,
                template=()):
         """Run ``kernel<T, I, *template>`` of ``file`` over ``n`` work items
@@ -237,8 +250,7 @@ class CupyBackend:
         if n == 0:
             return
         grid, block, shared = launch_config(n, grid, block, shared)
-        function = self.module(file, dtype, bits).get_function(
-            template_name(kernel, dtype, bits, template))
+        function = self.function(file, kernel, dtype, bits, template)
         packed = pack(args, dtype, bits, lambda a: a)
         packed = [numpy.uint64(0) if a is None else a for a in packed]
         function(grid, block, tuple(packed), shared_mem=shared)
@@ -334,6 +346,7 @@ class HostBackend:
         except ValueError:
             raise ValueError(f"seed ($CUPYDCN_HOST_SEED) must be an int, got {seed!r}") from None
         self._libraries = {}
+        self._functions = {}
         self._cooperative = {}
         self._lock = threading.Lock()
 
@@ -405,13 +418,7 @@ class HostBackend:
                                                 max_grid=self.grid or MAX_GRID)
         else:
             grid, block, shared = launch_config(n, grid, block, shared)
-        library = self.library(file)
-        expression = template_name(kernel, dtype, bits, template)
-        symbols = self._symbols(file)
-        if expression not in symbols:
-            raise KeyError(f"{expression} is not built for {_file_name(file)}; built: "
-                           f"{sorted(symbols)}")
-        function = getattr(library, symbols[expression])
+        function, expression = self.function(file, kernel, dtype, bits, template)
         index_ctype = ctypes.c_int32 if bits == 32 else ctypes.c_int64
         acc_ctype = ctypes.c_float if dtype.acc == numpy.float32 else ctypes.c_double
         values = []
@@ -432,9 +439,24 @@ class HostBackend:
         config = _HostConfig((ctypes.c_uint * 3)(*grid), (ctypes.c_uint * 3)(*block), shared, seed,
                              self.workers, int(self.checks), int(self.checks), int(cooperative))
         if function(ctypes.byref(config), argv) != 0:
-            report = library.dcn_host_error().decode(errors="replace")
+            report = self.library(file).dcn_host_error().decode(errors="replace")
             raise RuntimeError(f"{report} [host launch of {expression}, grid {grid}, block "
                                f"{block}, shared {shared} bytes, seed {seed}]")
+
+    def function(self, file, kernel, dtype, bits, template=()):
+        """(The cached ctypes function, its expression) of ``kernel<T, I,
+        *template>``; KeyError when the build lacks it."""
+        key = (_file_name(file), kernel, dtype.name, bits, tuple(template))
+        found = self._functions.get(key)
+        if found is None:
+            library = self.library(file)
+            expression = template_name(kernel, dtype, bits, template)
+            symbols = self._symbols(file)
+            if expression not in symbols:
+                raise KeyError(f"{expression} is not built for {_file_name(file)}; built: "
+                               f"{sorted(symbols)}")
+            found = self._functions[key] = (getattr(library, symbols[expression]), expression)
+        return found
 
     def cooperative(self, file):
         """True if the host build runs ``file``'s threads as fibers."""

@@ -5,12 +5,15 @@
 // [b0, b0 + nb) and output rows [oy0, oy0 + nrows) (nrows == Ho whenever
 // nb > 1), so the columns buffer is bounded by the workspace limit whatever
 // the batch and image size. The columns buffer is (C*kh*kw, nb*nrows*Wo) in
-// the accumulation type A (float for the half types): row c*kh*kw + k holds
-// tap k = i*kw + j of channel c, column (bi*nrows + r)*Wo + ox holds output
-// pixel (b0 + bi, oy0 + r, ox).
+// the storage type T (half columns feed tensor-core GEMMs that accumulate in
+// float32); its gradient, the output of a GEMM, is in the accumulation type A
+// (float for the half types). Row c*kh*kw + k holds tap k = i*kw + j of
+// channel c, column (bi*nrows + r)*Wo + ox holds output pixel
+// (b0 + bi, oy0 + r, ox).
 //
 // - deform_im2col: one thread per (c, bi, r, ox), looping over the kh*kw
-//   taps; writes mask * bilinear(input) into the columns.
+//   taps; writes mask * bilinear(input), computed in A and rounded once to T,
+//   into the columns.
 // - deform_col2im: one thread per columns element; scatters
 //   grad_col * mask * corner weight into an A-typed input gradient with
 //   atomicAdd (float atomics for the half types, never half atomics).
@@ -26,7 +29,7 @@
 template <typename T, typename I>
 __global__ void deform_im2col(const T* __restrict__ input, const T* __restrict__ offset,
                               const T* __restrict__ mask,
-                              typename dcn_acc<T>::type* __restrict__ columns,
+                              T* __restrict__ columns,
                               I C, I H, I W, I kh, I kw, I stride_h, I stride_w, I pad_h,
                               I pad_w, I dil_h, I dil_w, I Ho, I Wo, I offset_groups,
                               I b0, I nb, I oy0, I nrows) {
@@ -49,7 +52,7 @@ __global__ void deform_im2col(const T* __restrict__ input, const T* __restrict__
     const T* plane = input + (b * C + c) * H * W;
     const T* off = offset + (b * offset_groups + g) * 2 * taps * pixels + oy * Wo + ox;
     const T* msk = mask ? mask + (b * offset_groups + g) * taps * pixels + oy * Wo + ox : 0;
-    A* col = columns + c * taps * ncols + (bi * nrows + r) * Wo + ox;
+    T* col = columns + c * taps * ncols + (bi * nrows + r) * Wo + ox;
     for (I i = 0; i < kh; ++i) {
       for (I j = 0; j < kw; ++j) {
         const I k = i * kw + j;
@@ -58,7 +61,7 @@ __global__ void deform_im2col(const T* __restrict__ input, const T* __restrict__
                           pad_w, dil_h, dil_w, &y, &x);
         A v = dcn_conv_bilinear(plane, H, W, y, x);
         if (msk) v *= dcn_load(msk[k * pixels]);
-        col[k * ncols] = v;
+        col[k * ncols] = dcn_store<T>(v);
       }
     }
   }

@@ -86,7 +86,8 @@ def main(argv):
     sources = {}
     if mutated:  # one element past the columns buffer
         text = _kernels.source("deform_conv")
-        sources["deform_conv"] = text.replace("col[k * ncols] = v;", "col[k * ncols + 1] = v;")
+        sources["deform_conv"] = text.replace("col[k * ncols] = dcn_store<T>(v);",
+                                              "col[k * ncols + 1] = dcn_store<T>(v);")
         assert sources["deform_conv"] != text
     if where == "host":
         backend = _kernels.HostBackend(sources=sources,

@@ -7,8 +7,9 @@ comparison libraries are usable there, and the TF32 switch.
 tensors, timed by an injected clock: the CPU test tier's way through the
 whole pipeline, ``main(argv, platform=CpuPlatform(FakeClock()))``.
 
-TF32 (``--tf32``): cupydcn's float32 GEMMs go through CuPy's ``matmul``, whose
-cuBLAS compute type is CuPy's per-dtype setting
+TF32 (``--tf32``): cupydcn's float32 GEMMs call cuBLAS themselves and use
+TF32 only after :func:`cupydcn.set_tf32` (never from ``CUPY_TF32``); the bench
+sets it, and CuPy's own per-dtype setting
 ``cupy._core._routines_linalg.set_compute_type(numpy.float32, COMPUTE_TYPE_TF32)``
 (CuPy 13/14; effective for the next matmul, compute capability 8.0 and up).
 The environment variable ``CUPY_TF32=1`` only seeds that setting, at the first
@@ -28,6 +29,8 @@ import platform as _platform
 from typing import NamedTuple
 
 import numpy
+
+from cupydcn import _config
 
 from cupydcn._bench.clock import CudaClock
 
@@ -72,12 +75,16 @@ class GpuPlatform:
         wanted = linalg.COMPUTE_TYPE_TF32 if enabled else linalg.COMPUTE_TYPE_DEFAULT
         linalg.set_compute_type(numpy.float32, wanted)
         effective = linalg.get_compute_type(numpy.float32)
-        return previous, linalg.compute_type_to_str(effective)
+        previous_cupydcn = _config.set_tf32(bool(enabled))
+        return (previous, previous_cupydcn), (
+            f"{linalg.compute_type_to_str(effective)} (cupydcn's own GEMMs: "
+            f"{'TF32' if _config.get_tf32() else 'IEEE float32'})")
 
     def restore_tf32(self, previous):
         from cupy._core import _routines_linalg as linalg
 
-        linalg.set_compute_type(numpy.float32, previous)
+        linalg.set_compute_type(numpy.float32, previous[0])
+        _config.set_tf32(previous[1])
 
     def device_info(self):
         cupy, props = self.cupy, self.props
