@@ -361,3 +361,6 @@ _dispatch.register(_dispatch.Implementation(
     "reference", _OP, frozenset({_dispatch.NUMPY}), deterministic=True,
     forward=_reference_forward, backward=_reference_backward, priority=0,
     summary="the NumPy float64 reference (cupydcn.reference), rounded to the dtype"))
+
+# Further implementations register themselves (one module each).
+from cupydcn import _conv_fused  # noqa: E402,F401

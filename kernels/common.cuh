@@ -166,6 +166,19 @@ __device__ __forceinline__ void dcn_conv_bilinear_grad(const T* plane, I H, I W,
   *dx = ((A)1 - ly) * (v[1] - v[0]) + ly * (v[3] - v[2]);
 }
 
+// The sampling position of tap k = (i, j) for output pixel (oy, ox)
+// (docs/semantics.md section 2.3); ``off`` points at that pixel in offset channel 0 of
+// its image and offset group. Every convolution kernel (deform_conv.cu,
+// deform_conv_fused.cu) uses this one function, so the key and gather kernels
+// of the deterministic backward see identical positions.
+template <typename T, typename I, typename A>
+__device__ __forceinline__ void dcn_conv_position(const T* off, I pixels, I k, I i, I j, I oy,
+                                                  I ox, I stride_h, I stride_w, I pad_h,
+                                                  I pad_w, I dil_h, I dil_w, A* y, A* x) {
+  *y = (A)(oy * stride_h - pad_h + i * dil_h) + dcn_load(off[2 * k * pixels]);
+  *x = (A)(ox * stride_w - pad_w + j * dil_w) + dcn_load(off[(2 * k + 1) * pixels]);
+}
+
 // Grid-stride loop over [0, n): the launch helper picks the grid, kernels
 // never assume one thread per item. The step cannot overflow the index type I:
 // i advances by the stride only while n - i > stride (so i + stride < n),

@@ -21,17 +21,8 @@
 // the loader when an element count may pass 2^31), every pointer to an
 // optional array (mask, grad_offset, grad_mask) may be null.
 
-// The sampling position of tap k = (i, j) for output pixel (oy, ox)
-// (docs/semantics.md section 2.3); ``off`` points at that pixel in offset channel 0 of
-// its image and offset group. Every kernel here uses this one function, so the
-// key and gather kernels of the deterministic backward see identical positions.
-template <typename T, typename I, typename A>
-__device__ __forceinline__ void dcn_conv_position(const T* off, I pixels, I k, I i, I j, I oy,
-                                                  I ox, I stride_h, I stride_w, I pad_h,
-                                                  I pad_w, I dil_h, I dil_w, A* y, A* x) {
-  *y = (A)(oy * stride_h - pad_h + i * dil_h) + dcn_load(off[2 * k * pixels]);
-  *x = (A)(ox * stride_w - pad_w + j * dil_w) + dcn_load(off[(2 * k + 1) * pixels]);
-}
+// dcn_conv_position (the sampling position of a tap) is in common.cuh, shared
+// with deform_conv_fused.cu.
 
 template <typename T, typename I>
 __global__ void deform_im2col(const T* __restrict__ input, const T* __restrict__ offset,
