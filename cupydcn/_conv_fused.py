@@ -18,9 +18,12 @@ Backward, per tile of images / output rows (``_deform_conv.tiles``):
    Today's path runs two kernels (``deform_col2im`` and
    ``deform_col2im_coord``), each reading the columns gradient and recomputing
    every position.
-3. The weight gradient as today: deformable im2col + GEMM, here
-   ``grad_out @ columns^T`` per image on views (again no transpose of
-   ``grad_output``), summed over the tile's images.
+3. The weight gradient ``grad_out @ columns^T`` per image (again reading
+   ``grad_output`` in place), summed over the tile's images. The columns
+   (mask * bilinear sample, deform_im2col's values bit for bit) are written
+   by the same fused pass, which loads the four corners anyway, in the
+   (nb, groups, P, Kg) layout: no second im2col pass. When the weight
+   gradient is the only one asked for, deform_im2col produces them as today.
 
 Lanes per item (a heuristic until GPU measurements replace it): on CUDA the
 largest power of two <= min(8, channels per offset group), so a warp covers
@@ -61,7 +64,7 @@ def lanes_for(backend, geo):
 
 
 def _launch_fused(backend, geo, bits, tile, lanes, grad_columns, input, offset, mask, grad_input,
-                  grad_offset, grad_mask):
+                  grad_offset, grad_mask, columns):
     items = tile.nb * geo.offset_groups * tile.nrows * geo.Wo
     threads = -(-items * lanes // WARP) * WARP
     block = _kernels.BLOCK  # a multiple of the warp: every warp runs whole
@@ -70,7 +73,7 @@ def _launch_fused(backend, geo, bits, tile, lanes, grad_columns, input, offset, 
     if getattr(backend, "name", None) == "host" and lanes == 1:
         options["cooperative"] = False  # no shuffle runs: a plain loop, no fibers
     backend.launch(_FILE, _KERNEL, geo.dtype, bits, threads,
-                   [grad_columns, input, offset, mask, grad_input, grad_offset, grad_mask,
+                   [grad_columns, input, offset, mask, grad_input, grad_offset, grad_mask, columns,
                     geo.groups, lanes, *_deform_conv._geometry_args(geo, tile)],
                    grid=(grid,), block=(block,), **options)
 
@@ -107,8 +110,12 @@ def backward(backend, geo, grad_output, input, offset, weight, mask, wrt, lanes=
         bits = max(_deform_conv._index_bits(geo, plan),
                    _dtypes.index_bits(geo.offset_groups * most * lanes + WARP))
         columns_gradient = wrt & {"input", "offset", "mask"}
-        workspace = (_config.empty(xp, (geo.C * taps * most,), acc) if columns_gradient
-                     else None)
+        size = geo.C * taps * most
+        workspace = _config.empty(xp, (size,), acc) if columns_gradient else None
+        # With a columns gradient the fused pass also writes the weight
+        # gradient's columns (it loads the four corners anyway).
+        fused_columns = (_config.empty(xp, (size,), acc)
+                         if columns_gradient and grad_weight is not None else None)
         for tile in plan:
             pixels = tile.nrows * geo.Wo
             grad_out = grad_output[tile.b0:tile.b0 + tile.nb, :, tile.oy0:tile.oy0 + tile.nrows]
@@ -117,11 +124,14 @@ def backward(backend, geo, grad_output, input, offset, weight, mask, wrt, lanes=
                 grad_columns = workspace[:tile.nb * groups * pixels * kg].reshape(
                     tile.nb, groups, pixels, kg)
                 xp.matmul(grad_out.transpose(0, 1, 3, 2), weight_g, out=grad_columns)
+                columns = (None if fused_columns is None else
+                           fused_columns[:grad_columns.size].reshape(grad_columns.shape))
                 _launch_fused(backend, geo, bits, tile, lanes, grad_columns, input, offset,
-                              mask, grad_input, grad_offset, grad_mask)
-            if grad_weight is not None:
+                              mask, grad_input, grad_offset, grad_mask, columns)
+            elif grad_weight is not None:  # the weight gradient alone: im2col
                 columns = _deform_conv._im2col(backend, geo, bits, tile, input, offset, mask)
                 columns = columns.reshape(groups, kg, tile.nb, pixels).transpose(2, 0, 3, 1)
+            if grad_weight is not None:
                 grad_weight += xp.matmul(grad_out, columns).sum(axis=0)
     elif grad_offset is not None or grad_mask is not None:
         for g in (grad_offset, grad_mask):

@@ -38,6 +38,7 @@ __global__ void deform_col2im_fused(const typename dcn_acc<T>::type* __restrict_
                                     const T* __restrict__ mask,
                                     typename dcn_acc<T>::type* __restrict__ grad_input,
                                     T* __restrict__ grad_offset, T* __restrict__ grad_mask,
+                                    typename dcn_acc<T>::type* __restrict__ columns,
                                     I groups, I lanes,
                                     I C, I H, I W, I kh, I kw, I stride_h, I stride_w, I pad_h,
                                     I pad_w, I dil_h, I dil_w, I Ho, I Wo, I offset_groups,
@@ -77,27 +78,38 @@ __global__ void deform_col2im_fused(const typename dcn_acc<T>::type* __restrict_
       // The offset gradient's box (closed at -1, torchvision's rule) holds the
       // forward's open box; a NaN position fails both.
       const bool touch = active && y >= (A)-1 && y < (A)H && x >= (A)-1 && x < (A)W;
-      if (touch) {
-        const bool inside = y > (A)-1 && x > (A)-1;
-        const A yf = dcn_floor(y), xf = dcn_floor(x);
+      if (touch || (active && columns)) {
+        const bool inside = touch && y > (A)-1 && x > (A)-1;
+        const A yf = touch ? dcn_floor(y) : (A)0, xf = touch ? dcn_floor(x) : (A)0;
         const I y0 = (I)yf, x0 = (I)xf;
         const A ly = y - yf, lx = x - xf, hy = (A)1 - ly, hx = (A)1 - lx;
         const bool top = y0 >= 0, bottom = y0 + 1 < H, left = x0 >= 0, right = x0 + 1 < W;
         const A w00 = hy * hx, w01 = hy * lx, w10 = ly * hx, w11 = ly * lx;
+        // Channel c = g*channels_per_group + cg in weight group gw at cl,
+        // stepped without a division per channel.
+        I gw = (g * channels_per_group + lane) / channels_per_weight_group;
+        I cl = g * channels_per_group + lane - gw * channels_per_weight_group;
         for (I cg = lane; cg < channels_per_group; cg += lanes) {
           const I c = g * channels_per_group + cg;
-          const I gw = c / channels_per_weight_group;
-          const I cl = c - gw * channels_per_weight_group;
-          const A grad = grad_columns[((bi * groups + gw) * P + p) * Kg + cl * taps + k];
-          if (coord) {
+          const I index = ((bi * groups + gw) * P + p) * Kg + cl * taps + k;
+          for (cl += lanes; cl >= channels_per_weight_group; ++gw) cl -= channels_per_weight_group;
+          if (!touch) {  // outside: only the columns, a zero sample times the mask
+            columns[index] = (A)0 * m;
+            continue;
+          }
+          const A grad = grad_columns[index];
+          if (coord || columns) {
             const T* plane = input + (b * C + c) * H * W;
             const A v00 = top && left ? dcn_load(plane[y0 * W + x0]) : (A)0;
             const A v01 = top && right ? dcn_load(plane[y0 * W + x0 + 1]) : (A)0;
             const A v10 = bottom && left ? dcn_load(plane[(y0 + 1) * W + x0]) : (A)0;
             const A v11 = bottom && right ? dcn_load(plane[(y0 + 1) * W + x0 + 1]) : (A)0;
+            // The forward's sample (zero outside the open box), as deform_im2col has it.
+            const A value = inside ? w00 * v00 + w01 * v01 + w10 * v10 + w11 * v11 : (A)0;
             sum_dy += grad * (hx * (v10 - v00) + lx * (v11 - v01));
             sum_dx += grad * (hy * (v01 - v00) + ly * (v11 - v10));
-            if (inside) sum_mask += grad * (w00 * v00 + w01 * v01 + w10 * v10 + w11 * v11);
+            sum_mask += grad * value;
+            if (columns) columns[index] = value * m;
           }
           if (grad_input && inside) {
             const A gm = grad * m;

@@ -151,10 +151,11 @@ MUTATIONS = {
                                "for (I s = lanes / 2; s > 1; s /= 2)"),
     "partial warp": ("const I threads = ((items * lanes + 31) / 32) * 32;",
                      "const I threads = items * lanes;"),
-    "channel stride": ("cg += lanes)", "cg += 1)"),
+    "channel stride": ("cg += lanes)", "cg += 2 * lanes)"),
     "scatter corner weight": ("atomicAdd(gplane + y0 * W + x0 + 1, w01 * gm)",
                               "atomicAdd(gplane + y0 * W + x0 + 1, w10 * gm)"),
     "mask on the mask gradient": ("dcn_store<T>(sum_mask)", "dcn_store<T>(sum_mask * m)"),
+    "columns without the mask": ("columns[index] = value * m;", "columns[index] = value;"),
 }
 
 
@@ -174,5 +175,5 @@ def test_a_wrong_fused_kernel_fails(host, mutation):
         assert "deform_col2im_fused" in str(error)
     else:
         worst = max(rel_err(getattr(grads, n), getattr(ref_grads, n))
-                    for n in ("input", "offset", "mask"))
+                    for n in ("input", "offset", "mask", "weight"))
         assert worst > 1e-3, mutation
