@@ -44,7 +44,7 @@ back through the dispatcher to ``im2col_deterministic``.
 
 from __future__ import annotations
 
-from cupydcn import _arrays, _config, _deform_conv, _dispatch, _dtypes, _kernels
+from cupydcn import _arrays, _config, _deform_conv, _dispatch, _dtypes, _kernels, _validation
 
 _FILE = "deform_conv_fused"
 _KERNEL = "deform_col2im_fused"
@@ -87,7 +87,7 @@ def backward(backend, geo, grad_output, input, offset, weight, mask, wrt, lanes=
     cout_g, kg = geo.Cout // groups, geo.C // groups * taps
     lanes = lanes_for(backend, geo) if lanes is None else lanes
     if lanes not in (1, 2, 4, 8, 16, WARP):
-        raise ValueError(f"lanes must be a power of two from 1 to 32, got {lanes!r}")
+        raise _validation.ArgumentError(f"lanes must be a power of two from 1 to 32, got {lanes!r}")
     grad_input = (_arrays.zeros_result(xp, input.shape, acc, result=acc == dtype)
                   if "input" in wrt else None)
     grad_offset = _arrays.empty_result(xp, offset.shape, dtype) if "offset" in wrt else None
