@@ -23,7 +23,9 @@ Backward, per tile of images / output rows (``_deform_conv.tiles``):
    (mask * bilinear sample, deform_im2col's values bit for bit) are written
    by the same fused pass, which loads the four corners anyway, in the
    (nb, groups, P, Kg) layout: no second im2col pass. When the weight
-   gradient is the only one asked for, deform_im2col produces them as today.
+   gradient is the only one asked for, the pass writes only the columns (so
+   the weight gradient is the same GEMM on the same numbers whatever ``wrt``
+   holds: the jax bridge asks for it in a call of its own).
 
 Lanes per item (a heuristic until GPU measurements replace it): on CUDA the
 largest power of two <= min(8, channels per offset group), so a warp covers
@@ -87,7 +89,8 @@ def backward(backend, geo, grad_output, input, offset, weight, mask, wrt, lanes=
     cout_g, kg = geo.Cout // groups, geo.C // groups * taps
     lanes = lanes_for(backend, geo) if lanes is None else lanes
     if lanes not in (1, 2, 4, 8, 16, WARP):
-        raise _validation.ArgumentError(f"lanes must be a power of two from 1 to 32, got {lanes!r}")
+        raise _validation.ArgumentError(
+            f"lanes must be a power of two from 1 to 32, got {lanes!r}")
     grad_input = (_arrays.zeros_result(xp, input.shape, acc, result=acc == dtype)
                   if "input" in wrt else None)
     grad_offset = _arrays.empty_result(xp, offset.shape, dtype) if "offset" in wrt else None
@@ -112,25 +115,23 @@ def backward(backend, geo, grad_output, input, offset, weight, mask, wrt, lanes=
         columns_gradient = wrt & {"input", "offset", "mask"}
         size = geo.C * taps * most
         workspace = _config.empty(xp, (size,), acc) if columns_gradient else None
-        # With a columns gradient the fused pass also writes the weight
-        # gradient's columns (it loads the four corners anyway).
-        fused_columns = (_config.empty(xp, (size,), acc)
-                         if columns_gradient and grad_weight is not None else None)
+        # The fused pass also writes the weight gradient's columns (it loads
+        # the four corners anyway), alone when only the weight is asked for:
+        # the weight gradient is the same GEMM, bit for bit, whatever wrt is.
+        fused_columns = _config.empty(xp, (size,), acc) if grad_weight is not None else None
         for tile in plan:
             pixels = tile.nrows * geo.Wo
             grad_out = grad_output[tile.b0:tile.b0 + tile.nb, :, tile.oy0:tile.oy0 + tile.nrows]
             grad_out = grad_out.reshape(tile.nb, groups, cout_g, pixels)  # a view
+            shape = (tile.nb, groups, pixels, kg)
+            grad_columns = columns = None
             if columns_gradient:
-                grad_columns = workspace[:tile.nb * groups * pixels * kg].reshape(
-                    tile.nb, groups, pixels, kg)
+                grad_columns = workspace[:tile.nb * groups * pixels * kg].reshape(shape)
                 xp.matmul(grad_out.transpose(0, 1, 3, 2), weight_g, out=grad_columns)
-                columns = (None if fused_columns is None else
-                           fused_columns[:grad_columns.size].reshape(grad_columns.shape))
-                _launch_fused(backend, geo, bits, tile, lanes, grad_columns, input, offset,
-                              mask, grad_input, grad_offset, grad_mask, columns)
-            elif grad_weight is not None:  # the weight gradient alone: im2col
-                columns = _deform_conv._im2col(backend, geo, bits, tile, input, offset, mask)
-                columns = columns.reshape(groups, kg, tile.nb, pixels).transpose(2, 0, 3, 1)
+            if grad_weight is not None:
+                columns = fused_columns[:tile.nb * groups * pixels * kg].reshape(shape)
+            _launch_fused(backend, geo, bits, tile, lanes, grad_columns, input, offset, mask,
+                          grad_input, grad_offset, grad_mask, columns)
             if grad_weight is not None:
                 grad_weight += xp.matmul(grad_out, columns).sum(axis=0)
     elif grad_offset is not None or grad_mask is not None:

@@ -1,6 +1,7 @@
 // deform_conv_fused.cu: the fused backward of deformable convolution v1/v2
 // (docs/semantics.md section 2.6): ONE pass over the samples produces the
-// input gradient (scatter), the offset gradient and the mask gradient.
+// input gradient (scatter), the offset gradient and the mask gradient (and
+// the weight gradient's columns).
 //
 // The columns gradient comes from the GEMM grad_out^T @ W (Python side) in the
 // layout (nb, groups, P, Kg), P = nrows*Wo output pixels of the tile, Kg =
@@ -21,7 +22,11 @@
 // grad * bilinear in registers. The lanes' sums are reduced with
 // __shfl_xor_sync (log2(lanes) butterfly steps; every lane ends with the
 // total) and lane 0 writes grad_offset (dy, dx) times the mask and grad_mask
-// once, without atomics. Lanes of one warp take different channels, i.e.
+// once, without atomics. With ``columns`` (not null) the same pass also
+// writes mask * bilinear sample (deform_im2col's value, bit for bit) at the
+// columns gradient's index: the weight gradient's columns, with no second
+// im2col pass (grad_columns is null when only those are asked for).
+// Lanes of one warp take different channels, i.e.
 // different planes, so they never add to the same address in one step: there
 // is nothing to aggregate within a warp.
 //
@@ -97,7 +102,7 @@ __global__ void deform_col2im_fused(const typename dcn_acc<T>::type* __restrict_
             columns[index] = (A)0 * m;
             continue;
           }
-          const A grad = grad_columns[index];
+          const A grad = grad_columns ? grad_columns[index] : (A)0;  // null: columns only
           if (coord || columns) {
             const T* plane = input + (b * C + c) * H * W;
             const A v00 = top && left ? dcn_load(plane[y0 * W + x0]) : (A)0;
