@@ -1,16 +1,18 @@
 """CPU timings of deformable convolution: the host backend beside torchvision and NumPy.
 
-    python benchmarks/cpu_bench.py [--repeat 7] [--workers N] [--json out.json]
+    python benchmarks/cpu_bench.py [--repeat 7] [--workers N] [--algorithm NAME ...] [--json out.json]
 
 float32 DCNv2 (mask and bias), padding 1, forward and forward + backward (every
 gradient), on the shapes of issue 12: input (2, 64, 64, 64) with weight
 (64, 64, 3, 3), and input (8, 32, 32, 32) with weight (32, 32, 3, 3). Side by
 side in one run:
 
-* ``host``: cupydcn's kernels compiled for the CPU (``kernels/host_runtime.h``)
-  with the checks off and blocks in parallel on ``--workers`` threads (default:
-  the cores), through ``cupydcn._deform_conv.forward/backward``; the GEMMs are
-  NumPy's (its BLAS).
+* ``host:<algorithm>``: cupydcn's kernels compiled for the CPU
+  (``kernels/host_runtime.h``) with the checks off and blocks in parallel on
+  ``--workers`` threads (default: the cores), through the dispatcher's
+  implementation ``<algorithm>`` (``--algorithm``, repeatable; default: every
+  registered one that runs on the host, e.g. ``im2col`` and ``im2col_fused``);
+  the GEMMs are NumPy's (its BLAS).
 * ``torchvision``: ``torchvision.ops.deform_conv2d`` on CPU tensors, if importable.
 * ``numpy``: ``cupydcn.reference`` (the float64 NumPy reference, what CPU users
   got before the host backend), timed once per case: it is slow.
@@ -36,7 +38,9 @@ import numpy
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
-from cupydcn import _deform_conv, _kernels, _validation, reference  # noqa: E402
+from types import SimpleNamespace  # noqa: E402
+
+from cupydcn import _deform_conv, _dispatch, _kernels, _validation, reference  # noqa: E402
 
 CASES = [((2, 64, 64, 64), (64, 64, 3, 3)), ((8, 32, 32, 32), (32, 32, 3, 3))]
 WRT = frozenset({"input", "offset", "weight", "bias", "mask"})
@@ -75,25 +79,37 @@ def rel_err(got, ref):
     return float(numpy.linalg.norm(got - ref) / max(numpy.linalg.norm(ref), 1e-300))
 
 
-class Host:
-    name = "host"
+def host_algorithms():
+    """The registered deform_conv2d implementations that run on the host."""
+    return [i.name for i in _dispatch._registry["deform_conv2d"] if _dispatch.HOST in i.runs_on]
 
-    def __init__(self, workers):
+
+class Host:
+    def __init__(self, workers, algorithm):
         self.backend = _kernels.HostBackend(checks=False, workers=workers)
+        found = [i for i in _dispatch._registry["deform_conv2d"] if i.name == algorithm]
+        if not found or _dispatch.HOST not in found[0].runs_on:
+            raise SystemExit(f"--algorithm must be one of {', '.join(host_algorithms())}, "
+                             f"got {algorithm!r}")
+        self.implementation = found[0]
+        self.name = f"host:{algorithm}"
+
+    @staticmethod
+    def _call(c):
+        geo = _validation.check_deform_conv2d(c["input"], c["offset"], c["weight"], c["bias"], 1,
+                                              1, 1, c["mask"], grad_output=c["grad"])
+        arrays = SimpleNamespace(input=c["input"], offset=c["offset"], weight=c["weight"],
+                                 bias=c["bias"], mask=c["mask"], grad_output=c["grad"])
+        return geo, arrays
 
     def forward(self, c):
-        geo = _validation.check_deform_conv2d(c["input"], c["offset"], c["weight"], c["bias"], 1,
-                                              1, 1, c["mask"])
-        return _deform_conv.forward(self.backend, geo, c["input"], c["offset"], c["weight"],
-                                    c["bias"], c["mask"])
+        geo, arrays = self._call(c)
+        return self.implementation.forward(self.backend, geo, arrays)
 
     def forward_backward(self, c):
-        geo = _validation.check_deform_conv2d(c["input"], c["offset"], c["weight"], c["bias"], 1,
-                                              1, 1, c["mask"])
-        out = _deform_conv.forward(self.backend, geo, c["input"], c["offset"], c["weight"],
-                                   c["bias"], c["mask"])
-        grads = _deform_conv.backward(self.backend, geo, c["grad"], c["input"], c["offset"],
-                                      c["weight"], c["mask"], WRT)
+        geo, arrays = self._call(c)
+        out = self.implementation.forward(self.backend, geo, arrays)
+        grads = self.implementation.backward(self.backend, geo, arrays, WRT)
         return out, grads
 
 
@@ -146,10 +162,14 @@ def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeat", type=int, default=7)
     parser.add_argument("--workers", type=int, default=None)
+    parser.add_argument("--algorithm", action="append", default=None,
+                        help=f"a host implementation to time (repeatable; default: all of "
+                             f"{', '.join(host_algorithms())})")
     parser.add_argument("--json", default=None)
     args = parser.parse_args(argv)
 
-    impls = [Host(args.workers)]
+    hosts = [Host(args.workers, name) for name in (args.algorithm or host_algorithms())]
+    impls = list(hosts)
     try:
         impls.append(TorchVision())
         import torch
@@ -160,7 +180,7 @@ def main(argv=None):
         tv = f"torchvision not importable: {error}"
     print(f"machine: {platform.processor() or platform.machine()}, "
           f"{len(os.sched_getaffinity(0))} cores; python {platform.python_version()}, "
-          f"numpy {numpy.__version__}; {tv}; host workers {impls[0].backend.workers}; "
+          f"numpy {numpy.__version__}; {tv}; host workers {hosts[0].backend.workers}; "
           f"load average {os.getloadavg()[0]:.1f}")
 
     results = []
@@ -188,18 +208,22 @@ def main(argv=None):
         results.append(row)
 
     print(f"\nfloat32 DCNv2 (mask, bias), padding 1; median of {args.repeat} runs, ms")
-    header = f"{'input':>18} {'weight':>16} {'pass':>9} {'host':>9} {'torchvision':>12} " \
-             f"{'numpy':>9} {'tv/host':>8}"
+    width = max(len(h.name) for h in hosts) + 1
+    header = f"{'input':>18} {'weight':>16} {'pass':>8} " + "".join(
+        f"{h.name:>{width}}" for h in hosts) + f" {'torchvision':>12} {'numpy':>9} " + "".join(
+        f"{'tv/' + h.name.split(':')[1]:>{width}}" for h in hosts)
     print(header)
     for row in results:
         for phase in ("forward", "forward_backward"):
-            host = row["host"][phase] * 1e3
+            times = [row[h.name][phase] * 1e3 for h in hosts]
             tv = row.get("torchvision", {}).get(phase)
             tv_text = f"{tv * 1e3:12.1f}" if tv else f"{'-':>12}"
-            ratio = f"{tv * 1e3 / host:8.2f}" if tv else f"{'-':>8}"
+            ratios = "".join(f"{tv * 1e3 / t:{width}.2f}" if tv else f"{'-':>{width}}"
+                             for t in times)
             print(f"{str(row['input']):>18} {str(row['weight']):>16} "
-                  f"{'fwd' if phase == 'forward' else 'fwd+bwd':>9} {host:9.1f} {tv_text} "
-                  f"{row['numpy'][phase] * 1e3:9.1f} {ratio}")
+                  f"{'fwd' if phase == 'forward' else 'fwd+bwd':>8} "
+                  + "".join(f"{t:{width}.1f}" for t in times)
+                  + f" {tv_text} {row['numpy'][phase] * 1e3:9.1f} {ratios}")
     print(f"load average at the end {os.getloadavg()[0]:.1f}")
     if args.json:
         with open(args.json, "w") as f:

@@ -440,4 +440,6 @@ _dispatch.register(_dispatch.Implementation(
     forward=_reference_forward, backward=_reference_backward, priority=0,
     summary="the NumPy float64 reference (cupydcn.reference), rounded to the dtype"))
 
+# Further implementations register themselves (one module each).
 from cupydcn import _conv_implicit_gemm  # noqa: E402,F401  (registers "implicit_gemm")
+from cupydcn import _conv_fused  # noqa: E402,F401  (registers "im2col_fused")

@@ -168,9 +168,9 @@ __device__ __forceinline__ void dcn_conv_bilinear_grad(const T* plane, I H, I W,
 
 // The sampling position of tap k = (i, j) for output pixel (oy, ox)
 // (docs/semantics.md section 2.3); ``off`` points at that pixel in offset channel 0 of
-// its image and offset group. Every conv kernel (deform_conv.cu, deform_conv_igemm.cu)
-// uses this one function, so the key and gather kernels of the deterministic backward
-// see identical positions.
+// its image and offset group. Every convolution kernel (deform_conv.cu,
+// deform_conv_igemm.cu, deform_conv_fused.cu) uses this one function, so the key
+// and gather kernels of the deterministic backward see identical positions.
 template <typename T, typename I, typename A>
 __device__ __forceinline__ void dcn_conv_position(const T* off, I pixels, I k, I i, I j, I oy,
                                                   I ox, I stride_h, I stride_w, I pad_h,

@@ -24,7 +24,8 @@
 // the loader when an element count may pass 2^31), every pointer to an
 // optional array (mask, grad_offset, grad_mask) may be null.
 
-// dcn_conv_position (common.cuh) gives every kernel here the sampling position.
+// dcn_conv_position (the sampling position of a tap) is in common.cuh, shared
+// with deform_conv_igemm.cu and deform_conv_fused.cu.
 
 template <typename T, typename I>
 __global__ void deform_im2col(const T* __restrict__ input, const T* __restrict__ offset,

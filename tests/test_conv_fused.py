@@ -1,0 +1,189 @@
+"""The fused backward of deformable convolution (``im2col_fused``,
+kernels/deform_conv_fused.cu) on the host backend with its checks on (races,
+warp-operation masks, scheduling drawn from the seed), against the float64
+reference: odd shapes, groups and offset groups, stride and dilation, with and
+without mask, for 1, 8 and 32 lanes per (pixel, offset group) item (the warp
+reduction over channels at every width), and mutations of the kernel that
+must fail. tests/test_implementations.py runs it through the public API in
+every dtype as well.
+"""
+
+import numpy
+import pytest
+
+import cupydcn
+from cupydcn import _conv_fused, _deform_conv, _dispatch, _dtypes, _kernels, _validation
+from helpers import DTYPES, dtype_name, rel_err
+from test_deform_conv import CASES, case_id, compare_all, make_case, reference_results
+
+# A group wider than a warp (40 channels: two rounds of 32 lanes, the second
+# partly idle), two weight groups inside one offset group, non-square kernel.
+WIDE = (2, 40, 5, 6, 6, 2, 3, 2, 1, (1, 2), (1, 1), (2, 1), True, False)
+LANES = (1, 8, 32)
+
+
+def run_fused(backend, typed, params, wrt=_deform_conv.GRADIENTS, lanes=None):
+    geo = _validation.check_deform_conv2d(typed["input"], typed["offset"], typed["weight"],
+                                          typed["bias"], mask=typed["mask"],
+                                          grad_output=typed["grad_output"], **params)
+    out = _deform_conv.forward(backend, geo, typed["input"], typed["offset"], typed["weight"],
+                               typed["bias"], typed["mask"])
+    wrt = _validation.check_wrt(wrt, _deform_conv.GRADIENTS, bias=typed["bias"],
+                                mask=typed["mask"])
+    grads = _conv_fused.backward(backend, geo, typed["grad_output"], typed["input"],
+                                 typed["offset"], typed["weight"], typed["mask"], wrt, lanes)
+    return out, grads
+
+
+@pytest.mark.parametrize("lanes", LANES)
+@pytest.mark.parametrize("case", [*CASES, WIDE], ids=case_id)
+def test_fused_matches_reference(host, case, lanes):
+    typed, exact, params = make_case(case, numpy.float64)
+    ref_out, ref_grads = reference_results(exact, params)
+    out, grads = run_fused(host, typed, params, lanes=lanes)
+    compare_all(out, grads, ref_out, ref_grads, numpy.float64)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=dtype_name)
+@pytest.mark.parametrize("lanes", (1, 8))
+def test_fused_every_dtype(host, dtype, lanes):
+    typed, exact, params = make_case(WIDE, dtype, seed=1)
+    ref_out, ref_grads = reference_results(exact, params)
+    out, grads = run_fused(host, typed, params, lanes=lanes)
+    compare_all(out, grads, ref_out, ref_grads, dtype)
+
+
+@pytest.mark.parametrize("limit", [1, 700])
+def test_fused_tiled_by_workspace(host, limit):
+    """Rows of one image and images per chunk: the GEMM writes into one
+    workspace reused by every tile, the kernel sees each tile's columns."""
+    typed, exact, params = make_case(CASES[1], numpy.float64)
+    ref_out, ref_grads = reference_results(exact, params)
+    previous = cupydcn.set_workspace_limit(limit)
+    try:
+        geo = _validation.check_deform_conv2d(typed["input"], typed["offset"], typed["weight"],
+                                              mask=typed["mask"], **params)
+        assert len(_deform_conv.tiles(geo)) > 1
+        out, grads = run_fused(host, typed, params, lanes=4)
+    finally:
+        cupydcn.set_workspace_limit(previous)
+    compare_all(out, grads, ref_out, ref_grads, numpy.float64)
+
+
+def test_fused_64bit_indices(host, monkeypatch):
+    monkeypatch.setattr(_dtypes, "INT32_LIMIT", 0)
+    typed, exact, params = make_case(WIDE, numpy.float32)
+    ref_out, ref_grads = reference_results(exact, params)
+    out, grads = run_fused(host, typed, params, lanes=8)
+    compare_all(out, grads, ref_out, ref_grads, numpy.float32)
+
+
+@pytest.mark.parametrize("wrt", [("input",), ("offset",), ("mask",), ("weight", "bias"),
+                                 ("offset", "mask")])
+def test_fused_computes_only_what_is_asked(host, wrt):
+    typed, exact, params = make_case(CASES[0], numpy.float64)
+    _, ref_grads = reference_results(exact, params)
+    _, grads = run_fused(host, typed, params, wrt, lanes=4)
+    for name in _deform_conv.GRADIENTS:
+        got = getattr(grads, name)
+        if name in wrt:
+            assert rel_err(got, getattr(ref_grads, name)) <= 1e-12, name
+        else:
+            assert got is None, name
+
+
+def test_fused_non_contiguous_grad_output(host):
+    """grad_output is read in place by the GEMMs: a strided view gives the same numbers."""
+    typed, exact, params = make_case(CASES[1], numpy.float64)
+    ref_out, ref_grads = reference_results(exact, params)
+    g = typed["grad_output"]
+    wide = numpy.zeros(g.shape[:-1] + (2 * g.shape[-1],))
+    wide[..., ::2] = g
+    typed["grad_output"] = wide[..., ::2]
+    out, grads = run_fused(host, typed, params, lanes=8)
+    compare_all(out, grads, ref_out, ref_grads, numpy.float64)
+
+
+def test_lanes_choice_and_bad_lanes(host):
+    typed, _, params = make_case(WIDE, numpy.float64)
+    geo = _validation.check_deform_conv2d(typed["input"], typed["offset"], typed["weight"],
+                                          mask=typed["mask"], **params)
+    assert _conv_fused.lanes_for(host, geo) == 1
+
+    class Device:
+        name = "cupy"
+
+    assert _conv_fused.lanes_for(Device, geo) == _conv_fused.CUDA_LANES  # 40 channels
+    narrow = geo._replace(offset_groups=10)  # 4 channels per offset group
+    assert _conv_fused.lanes_for(Device, narrow) == 4
+    with pytest.raises(ValueError, match="lanes must be a power of two from 1 to 32, got 3"):
+        run_fused(host, typed, params, lanes=3)
+
+
+def test_dispatcher_registration():
+    """Registered for CUDA and the host, not deterministic, the automatic
+    choice on the host; deterministic=True falls back to im2col_deterministic."""
+    table = {i.name: i for i in _dispatch._registry["deform_conv2d"]}
+    fused = table["im2col_fused"]
+    assert fused.runs_on == {_dispatch.CUDA, _dispatch.HOST}
+    assert not fused.deterministic
+    assert fused.priority > table["im2col"].priority
+    typed, _, params = make_case(CASES[0], numpy.float32)
+    geo = _validation.check_deform_conv2d(typed["input"], typed["offset"], typed["weight"],
+                                          mask=typed["mask"], **params)
+    previous = cupydcn.set_cpu_backend("host")
+    try:
+        assert _dispatch.choose("deform_conv2d", False, geo)[0].name == "im2col_fused"
+        chosen = _dispatch.choose("deform_conv2d", False, geo, deterministic=True)[0]
+        assert chosen.name == "im2col_deterministic"
+        with pytest.raises(_validation.ArgumentError, match="not deterministic"):
+            _dispatch.choose("deform_conv2d", False, geo, "im2col_fused", deterministic=True)
+    finally:
+        cupydcn.set_cpu_backend(previous)
+
+
+# ---------------------------------------------------------------- mutations
+
+MUTATIONS = {
+    "shuffle offset": ("sum_dy += __shfl_xor_sync(0xffffffffu, sum_dy, (int)s);",
+                       "sum_dy += __shfl_xor_sync(0xffffffffu, sum_dy, (int)(s / 2));"),
+    "reduction step removed": ("for (I s = lanes / 2; s > 0; s /= 2)",
+                               "for (I s = lanes / 2; s > 1; s /= 2)"),
+    "partial warp": ("const I threads = ((items * lanes + 31) / 32) * 32;",
+                     "const I threads = items * lanes;"),
+    "channel stride": ("cg += lanes)", "cg += 2 * lanes)"),
+    "scatter corner weight": ("atomicAdd(gplane + y0 * W + x0 + 1, w01 * gm)",
+                              "atomicAdd(gplane + y0 * W + x0 + 1, w10 * gm)"),
+    "mask on the mask gradient": ("dcn_store<T>(sum_mask)", "dcn_store<T>(sum_mask * m)"),
+    "columns without the mask": ("columns[index] = value * m;", "columns[index] = value;"),
+}
+
+
+@pytest.mark.parametrize("mutation", sorted(MUTATIONS))
+def test_a_wrong_fused_kernel_fails(host, mutation):
+    """Each plausible bug fails: the host checks report it, or a gradient is off."""
+    old, new = MUTATIONS[mutation]
+    text = _kernels.source("deform_conv_fused")
+    assert text.count(old) == 1, old
+    broken = _kernels.HostBackend(grid=host.grid, checks=True, workers=1, seed=host.seed,
+                                  sources={"deform_conv_fused": text.replace(old, new)})
+    typed, exact, params = make_case(WIDE, numpy.float64)
+    _, ref_grads = reference_results(exact, params)
+    try:
+        _, grads = run_fused(broken, typed, params, lanes=8)
+    except RuntimeError as error:  # a host check (e.g. a shuffle naming an exited lane)
+        assert "deform_col2im_fused" in str(error)
+    else:
+        worst = max(rel_err(getattr(grads, n), getattr(ref_grads, n))
+                    for n in ("input", "offset", "mask", "weight"))
+        assert worst > 1e-3, mutation
+
+
+def test_weight_gradient_alone_is_bit_identical(host):
+    """The weight gradient asked for alone (as the jax bridge does) is the
+    same GEMM on the same columns as in the full backward: the same bits."""
+    typed, _, params = make_case(WIDE, numpy.float32)
+    _, full = run_fused(host, typed, params, lanes=8)
+    _, alone = run_fused(host, typed, params, ("weight",), lanes=8)
+    numpy.testing.assert_array_equal(alone.weight, full.weight)
+    assert alone.input is None and alone.offset is None
