@@ -121,8 +121,10 @@ def test_lanes_choice_and_bad_lanes(host):
 
 
 def test_dispatcher_registration():
-    """Registered for CUDA and the host, not deterministic, the automatic
-    choice on the host; deterministic=True falls back to im2col_deterministic."""
+    """Registered for CUDA and the host, not deterministic, the first choice
+    where atomics are allowed (CUDA); on the host the automatic choice is
+    deterministic (parallel blocks), and deterministic=True falls back to
+    im2col_deterministic; named, it runs on the host."""
     table = {i.name: i for i in _dispatch._registry["deform_conv2d"]}
     fused = table["im2col_fused"]
     assert fused.runs_on == {_dispatch.CUDA, _dispatch.HOST}
@@ -133,7 +135,12 @@ def test_dispatcher_registration():
                                           mask=typed["mask"], **params)
     previous = cupydcn.set_cpu_backend("host")
     try:
-        assert _dispatch.choose("deform_conv2d", False, geo)[0].name == "im2col_fused"
+        assert _dispatch.choose("deform_conv2d", False, geo)[0].name == "im2col_deterministic"
+        assert _dispatch.choose("deform_conv2d", False, geo, "im2col_fused")[0] is fused
+        cuda = [i for i in _dispatch._registry["deform_conv2d"]
+                if _dispatch.CUDA in i.runs_on and "float32" in (i.dtypes or {"float32"})
+                and (i.automatic is None or i.automatic(_dispatch.CUDA, geo))]
+        assert cuda[0] is fused
         chosen = _dispatch.choose("deform_conv2d", False, geo, deterministic=True)[0]
         assert chosen.name == "im2col_deterministic"
         with pytest.raises(_validation.ArgumentError, match="not deterministic"):
