@@ -510,7 +510,7 @@ def test_graph_mode_static_shapes_of_the_roi_ops():
     size and the channels are known (output_dim solved from the channels)."""
     spec = [tf.TensorSpec([None, None, None, 12], tf.float32), tf.TensorSpec([None, 5], tf.float32)]
 
-    @tf.function(input_signature=spec)
+    @tf.function(input_signature=spec, autograph=False)  # plain Python asserts at trace time
     def run(x, rois):
         pooled = dcn.deform_roi_pool(x, rois, output_size=(2, 3))
         ps = dcn.deform_psroi_pool(x, rois, group_size=2, pooled_size=3)
