@@ -138,12 +138,8 @@ def backward(backend, geo, grad_output, input, offset, weight, mask, wrt, lanes=
         for g in (grad_offset, grad_mask):
             if g is not None:
                 g.fill(0)
-    if grad_input is not None:
-        grad_input = _arrays.result(xp, grad_input, dtype)
-    if grad_weight is not None:
-        grad_weight = _arrays.result(xp, grad_weight.reshape(weight.shape), dtype)
-    return _deform_conv.DeformConv2dGrads(grad_input, grad_offset, grad_weight, grad_bias,
-                                          grad_mask)
+    return _deform_conv.finish_backward(xp, dtype, weight, grad_input, grad_offset, grad_weight,
+                                        grad_bias, grad_mask)
 
 
 def _fused_backward(backend, geo, a, wrt):

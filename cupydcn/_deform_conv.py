@@ -388,6 +388,14 @@ def backward(backend, geo, grad_output, input, offset, weight, mask, wrt, determ
         for g in (grad_offset, grad_mask):
             if g is not None:
                 g.fill(0)
+    return finish_backward(xp, dtype, weight, grad_input, grad_offset, grad_weight, grad_bias,
+                           grad_mask)
+
+
+def finish_backward(xp, dtype, weight, grad_input, grad_offset, grad_weight, grad_bias,
+                    grad_mask):
+    """The gradients of a kernel backward as results of ``dtype`` (the input
+    and weight gradients accumulate in the accumulation type)."""
     if grad_input is not None:
         grad_input = _arrays.result(xp, grad_input, dtype)
     if grad_weight is not None:
