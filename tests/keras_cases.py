@@ -314,15 +314,15 @@ def test_algorithm_selects_the_implementation(name, algorithm, monkeypatch):
     layer = layer_class(**kwargs, algorithm=algorithm)
     reference = layer_class(**kwargs, algorithm="reference")
     arguments = inputs if len(inputs) > 1 else inputs[0]
-    reference(arguments)
+    to_numpy(reference(arguments))  # let the jax backend's asynchronous call finish first
     seen = spy_choices(monkeypatch)
     out = to_numpy(layer(arguments))  # waits for the jax backend's asynchronous call
     assert seen and set(seen) == {algorithm}, seen
     reference.set_weights(layer.get_weights())
-    # TF32 is held to float16's tolerance (cupydcn._check.FORWARD_TOLERANCE_AS)
-    from cupydcn import _check
+    # TF32 is held to float16's tolerance (Implementation.forward_tolerance_as)
+    from cupydcn import _dispatch
 
-    tol = 1e-2 if algorithm in _check.FORWARD_TOLERANCE_AS else 1e-5
+    tol = 1e-2 if _dispatch.implementation(op, algorithm).forward_tolerance_as else 1e-5
     assert_close(out, reference(arguments), tol, what=f"{algorithm} against the reference")
     assert layer.get_config()["algorithm"] == algorithm
     assert layer_class.from_config(layer.get_config()).algorithm == algorithm
