@@ -176,16 +176,10 @@ def _kernel_implementations(op, dtype):
             and (i.dtypes is None or dtype.name in i.dtypes)]
 
 
-# Implementations whose forward is held to another dtype's tolerance: TF32
-# rounds float32 operands to float16's 10-bit mantissa (an explicit opt-in).
-FORWARD_TOLERANCE_AS = {"implicit_gemm_tf32": "float16"}
-
-
 def _tolerance(dtype, implementation, op):
-    other = FORWARD_TOLERANCE_AS.get(implementation.name)
-    if other is None or not op.endswith("forward"):
-        return dtype.tolerance
-    return next(d.tolerance for d in _dtypes.DTYPES.values() if d.name == other)
+    if op.endswith("forward"):
+        return implementation.forward_tolerance(dtype)
+    return dtype.tolerance
 
 
 def _compile_notice():

@@ -124,6 +124,7 @@ _dispatch.register(_dispatch.Implementation(
             "the im2col backward (col2im with float atomics)"))
 _dispatch.register(_dispatch.Implementation(
     "implicit_gemm_tf32", _OP, _KERNELS, deterministic=False, forward=_forward(True),
+    forward_tolerance_as="float16",
     backward=_backward, launch=_dispatch.Launch(_FILE, block=BLOCK),
     dtypes=frozenset({"float32"}), supports=_supports, priority=-10,
     automatic=lambda where, geo: False,

@@ -29,7 +29,7 @@ import shutil
 import threading
 from typing import Callable, NamedTuple, Optional, Tuple
 
-from cupydcn import _kernels, _validation
+from cupydcn import _dtypes, _kernels, _validation
 
 # Where an implementation runs: "cuda" (CuPy on a GPU), "host" (its kernels
 # compiled for the CPU), "numpy" (plain NumPy on the CPU).
@@ -69,6 +69,18 @@ class Implementation(NamedTuple):
     # (where, geo) -> bool: False keeps it out of the automatic choice there
     # (it stays selectable by name); None: automatic wherever it applies.
     automatic: Optional[Callable] = None
+    # A dtype name whose tolerance its forward is held to where that is looser
+    # than the call's own (TF32 rounds float32 operands to float16's 10-bit
+    # mantissa); None: the call's dtype's. Gradients keep the dtype's own.
+    forward_tolerance_as: Optional[str] = None
+
+    def forward_tolerance(self, dtype):
+        """The relative-norm tolerance of its forward in ``dtype`` (a row of
+        the dtype table) against the float64 reference."""
+        if self.forward_tolerance_as is None:
+            return dtype.tolerance
+        other = next(d for d in _dtypes.DTYPES.values() if d.name == self.forward_tolerance_as)
+        return max(dtype.tolerance, other.tolerance)
 
 
 OPS = ("deform_conv2d", "deform_roi_pool", "deform_psroi_pool")
@@ -84,6 +96,14 @@ def register(implementation):
     table.append(implementation)
     table.sort(key=lambda i: -i.priority)
     return implementation
+
+
+def implementation(op, name):
+    """The registered implementation ``name`` of ``op``."""
+    if name is None:
+        raise _validation.ArgumentTypeError(f"name must be an implementation of {op}, got None")
+    check_algorithm(op, name)
+    return next(i for i in _op_table(op) if i.name == name)
 
 
 def _op_table(op):

@@ -10,13 +10,17 @@
 //   worker.
 // * A kernel that uses no block cooperation (the launch says `cooperative=0`)
 //   runs each block's threads as a plain loop: no contexts, nothing to switch.
-// * A cooperative kernel runs each thread of a block as its own ucontext
-//   fiber. A fiber runs until it blocks (block barrier, warp operation) or
-//   ends; when no fiber can run, the scheduler completes the warp operations
-//   whose member lanes have all arrived, then the block barrier if every live
-//   thread waits at it, and otherwise reports the deadlock (a divergent
-//   __syncthreads, a lane of a mask that exited) as an error. With `vary` the
-//   scheduler picks the next runnable fiber at random (seeded).
+// * A cooperative kernel runs each thread of a block as its own fiber (its
+//   own stack; on x86-64 a switch is a few instructions that save the
+//   callee-saved registers, with no system call; elsewhere, or with
+//   DCN_HOST_UCONTEXT defined, POSIX ucontext). A fiber runs until it blocks
+//   (block barrier, warp operation) or ends. The scheduler sweeps the block's
+//   threads, running each runnable one until it blocks; after a sweep it
+//   completes the warp operations whose member lanes have all arrived, then
+//   the block barrier if every live thread waits at it, and reports a
+//   deadlock (a divergent __syncthreads, a lane of a mask that exited) as an
+//   error. With `vary` each sweep visits the threads in a fresh seeded random
+//   order.
 // * Shared memory (static, through DCN_SHARED, and dynamic, through
 //   DCN_SHARED_DYNAMIC, see common.cuh) is one allocation per block, filled
 //   with 0xFF bytes at block start (a NaN in every float type). Kernels reach
@@ -46,6 +50,89 @@
 #include <utility>
 #include <vector>
 #include <ucontext.h>
+
+// ---------------------------------------------------------------- execution contexts
+//
+// dcn_host_context_make(c, stack, size, entry, arg): c, when switched to, runs
+// entry(arg) on the stack (entry never returns: a fiber ends by switching
+// away for good). dcn_host_context_switch(from, to) saves the running context
+// in `from` and resumes `to`.
+#if defined(__x86_64__) && !defined(DCN_HOST_UCONTEXT)
+// The System V x86-64 ABI: a call preserves rbx, rbp, r12-r15, the stack
+// pointer and the control words of MXCSR and the x87 unit; the switch saves
+// exactly those on the old stack and restores them from the new one. A fresh
+// context's stack holds what dcn_host_context_start needs: r12 = arg,
+// r13 = entry.
+struct dcn_host_context { void* sp; };
+extern "C" void dcn_host_context_swap(void** save, void* resume);
+extern "C" void dcn_host_context_start();
+__asm__(
+    ".text\n"
+    ".p2align 4\n"
+    ".globl dcn_host_context_swap\n"
+    ".hidden dcn_host_context_swap\n"
+    ".type dcn_host_context_swap, @function\n"
+    "dcn_host_context_swap:\n"
+    "  pushq %rbp\n  pushq %rbx\n  pushq %r12\n  pushq %r13\n  pushq %r14\n  pushq %r15\n"
+    "  subq $8, %rsp\n  stmxcsr (%rsp)\n  fnstcw 4(%rsp)\n"
+    "  movq %rsp, (%rdi)\n  movq %rsi, %rsp\n"
+    "  ldmxcsr (%rsp)\n  fldcw 4(%rsp)\n  addq $8, %rsp\n"
+    "  popq %r15\n  popq %r14\n  popq %r13\n  popq %r12\n  popq %rbx\n  popq %rbp\n"
+    "  ret\n"
+    ".size dcn_host_context_swap, .-dcn_host_context_swap\n"
+    ".p2align 4\n"
+    ".globl dcn_host_context_start\n"
+    ".hidden dcn_host_context_start\n"
+    ".type dcn_host_context_start, @function\n"
+    "dcn_host_context_start:\n"  // rsp is 16-byte aligned here, as the call below needs
+    "  movq %r12, %rdi\n  callq *%r13\n  ud2\n"
+    ".size dcn_host_context_start, .-dcn_host_context_start\n");
+
+static void dcn_host_context_make(dcn_host_context* c, char* stack, std::size_t size,
+                                  void (*entry)(void*), void* arg) {
+  const std::uintptr_t top = (std::uintptr_t)(stack + size) & ~(std::uintptr_t)15;
+  std::uint64_t* sp = reinterpret_cast<std::uint64_t*>(top) - 8;  // sp + 8 words = top
+  std::uint32_t control[2];  // the creating thread's MXCSR and x87 control word
+  __asm__ volatile("stmxcsr %0\n\tfnstcw %1" : "=m"(control[0]), "=m"(control[1]));
+  std::memcpy(&sp[0], control, sizeof control);
+  sp[1] = 0;                                                        // r15
+  sp[2] = 0;                                                        // r14
+  sp[3] = (std::uint64_t)(std::uintptr_t)entry;                     // r13
+  sp[4] = (std::uint64_t)(std::uintptr_t)arg;                       // r12
+  sp[5] = 0;                                                        // rbx
+  sp[6] = 0;                                                        // rbp
+  sp[7] = (std::uint64_t)(std::uintptr_t)&dcn_host_context_start;   // ret: rsp = top
+  c->sp = sp;
+}
+
+static inline void dcn_host_context_switch(dcn_host_context* from, dcn_host_context* to) {
+  dcn_host_context_swap(&from->sp, to->sp);
+}
+#else
+struct dcn_host_context { ucontext_t uc; };
+
+static void dcn_host_context_trampoline(unsigned int f0, unsigned int f1, unsigned int a0,
+                                        unsigned int a1) {
+  auto entry = reinterpret_cast<void (*)(void*)>((std::uintptr_t)f0 | ((std::uintptr_t)f1 << 32));
+  entry(reinterpret_cast<void*>((std::uintptr_t)a0 | ((std::uintptr_t)a1 << 32)));
+  std::abort();  // a fiber never returns
+}
+
+static void dcn_host_context_make(dcn_host_context* c, char* stack, std::size_t size,
+                                  void (*entry)(void*), void* arg) {
+  getcontext(&c->uc);
+  c->uc.uc_stack.ss_sp = stack;
+  c->uc.uc_stack.ss_size = size;
+  c->uc.uc_link = nullptr;
+  const std::uintptr_t f = (std::uintptr_t)entry, a = (std::uintptr_t)arg;
+  makecontext(&c->uc, (void (*)())dcn_host_context_trampoline, 4, (unsigned int)(f & 0xffffffffu),
+              (unsigned int)(f >> 32), (unsigned int)(a & 0xffffffffu), (unsigned int)(a >> 32));
+}
+
+static inline void dcn_host_context_switch(dcn_host_context* from, dcn_host_context* to) {
+  swapcontext(&from->uc, &to->uc);
+}
+#endif
 
 struct dim3 {
   unsigned int x, y, z;
@@ -113,7 +200,7 @@ enum dcn_host_state { DCN_RUNNABLE, DCN_AT_BARRIER, DCN_AT_WARP, DCN_DONE };
 typedef void (*dcn_host_warp_fn)(dcn_host_block* block, unsigned int warp, unsigned int mask);
 
 struct dcn_host_thread {
-  ucontext_t context;
+  dcn_host_context context;
   unsigned int tid;  // linear index in the block
   uint3 idx;
   dcn_host_state state;
@@ -149,13 +236,14 @@ struct dcn_host_block {
   uint3 idx;
   unsigned int nthreads;
   std::vector<dcn_host_thread> threads;
+  std::vector<unsigned int> order;      // the scheduler's sweep order
   std::vector<dcn_host_alloc*> allocs;  // static allocations in use
   std::vector<dcn_host_alloc*> spare;   // reused across blocks
   dcn_host_alloc dynamic;
   unsigned int epoch;                   // completed block barriers
   std::vector<unsigned int> warp_gen;   // completed __syncwarp per warp
   dcn_host_thread* current;             // the running fiber, or null (plain loop)
-  ucontext_t scheduler;
+  dcn_host_context scheduler;
   char* stacks;  // fiber stacks, allocated once per worker (malloc: untouched pages stay free)
   std::size_t stack_count;
   std::size_t stack_size;
@@ -200,7 +288,7 @@ static std::string dcn_host_thread_name(dcn_host_block*, unsigned int tid) {
   if (b->current != nullptr) {  // in a fiber: back to the scheduler, never resumed
     b->failed = true;
     dcn_host_thread* self = b->current;
-    swapcontext(&self->context, &b->scheduler);
+    dcn_host_context_switch(&self->context, &b->scheduler);
   }
   throw dcn_host_abort();
 }
@@ -375,7 +463,7 @@ static dcn_shared_array<T> dcn_host_shared_dynamic(const char* file, int line) {
 
 static void dcn_host_yield(dcn_host_block* b) {
   dcn_host_thread* self = b->current;
-  swapcontext(&self->context, &b->scheduler);
+  dcn_host_context_switch(&self->context, &b->scheduler);
 }
 
 static std::string dcn_host_thread_states(dcn_host_block* b) {
@@ -496,13 +584,14 @@ template <typename Kernel> struct dcn_host_entry_args {
   Kernel* kernel;
 };
 
-template <typename Kernel> static void dcn_host_fiber_main(unsigned int lo, unsigned int hi) {
-  auto* args = reinterpret_cast<dcn_host_entry_args<Kernel>*>(
-      (std::uintptr_t)lo | ((std::uintptr_t)hi << 32));
+template <typename Kernel> static void dcn_host_fiber_main(void* address) {
+  auto* args = static_cast<dcn_host_entry_args<Kernel>*>(address);
   dcn_host_block* b = args->block;
   (*args->kernel)();
-  b->current->state = DCN_DONE;
-  // returning resumes uc_link: the scheduler
+  dcn_host_thread* self = b->current;
+  self->state = DCN_DONE;
+  dcn_host_context_switch(&self->context, &b->scheduler);  // never resumed
+  std::abort();
 }
 
 static void dcn_host_drain_copies(dcn_host_block* b, dcn_host_thread& t, std::size_t keep_groups);
@@ -519,7 +608,6 @@ template <typename Kernel> static void dcn_host_run_fibers(dcn_host_block* b, Ke
     b->stack_count = n;
   }
   dcn_host_entry_args<Kernel> args{b, &kernel};
-  std::uintptr_t address = (std::uintptr_t)&args;
   for (std::size_t i = 0; i < n; ++i) {
     dcn_host_thread& t = b->threads[i];
     t.tid = (unsigned int)i;
@@ -527,40 +615,39 @@ template <typename Kernel> static void dcn_host_run_fibers(dcn_host_block* b, Ke
     t.state = DCN_RUNNABLE;
     t.copies.clear();
     t.group_ends.clear();
-    getcontext(&t.context);
-    t.context.uc_stack.ss_sp = b->stacks + i * b->stack_size;
-    t.context.uc_stack.ss_size = b->stack_size;
-    t.context.uc_link = &b->scheduler;
-    makecontext(&t.context, (void (*)())dcn_host_fiber_main<Kernel>, 2,
-                (unsigned int)(address & 0xffffffffu), (unsigned int)(address >> 32));
+    dcn_host_context_make(&t.context, b->stacks + i * b->stack_size, b->stack_size,
+                          dcn_host_fiber_main<Kernel>, &args);
   }
-  std::vector<unsigned int> runnable;
-  runnable.reserve(n);
-  std::size_t cursor = 0;
+  // Sweeps: each runs every runnable thread until it blocks (in a fresh random
+  // order with vary); between sweeps the warp operations and the block barrier
+  // whose threads have all arrived complete.
+  std::vector<unsigned int>& order = b->order;
+  order.resize(n);
+  for (std::size_t i = 0; i < n; ++i) order[i] = (unsigned int)i;
   while (!b->failed && !b->launch->failed.load(std::memory_order_relaxed)) {
-    runnable.clear();
-    for (std::size_t k = 0; k < n; ++k) {
-      const std::size_t i = (cursor + k) % n;
-      if (b->threads[i].state == DCN_RUNNABLE) runnable.push_back((unsigned int)i);
+    if (cfg->vary) {
+      for (std::size_t i = n; i > 1; --i)
+        std::swap(order[i - 1], order[dcn_host_next_random(&b->rng) % i]);
     }
-    if (runnable.empty()) {
-      if (dcn_host_complete_warps(b)) continue;
-      if (dcn_host_complete_barrier(b)) continue;
-      bool done = true;
-      for (dcn_host_thread& t : b->threads) done &= t.state == DCN_DONE;
-      if (done) break;
-      dcn_host_fail(dcn_host_where(b) + ": deadlock: no thread can run" +
-                    dcn_host_thread_states(b));
+    bool ran = false;
+    for (std::size_t k = 0; k < n && !b->failed; ++k) {
+      dcn_host_thread& t = b->threads[order[k]];
+      if (t.state != DCN_RUNNABLE) continue;
+      ran = true;
+      threadIdx = t.idx;
+      b->current = &t;
+      dcn_host_context_switch(&b->scheduler, &t.context);
+      b->current = nullptr;
+      if (t.state == DCN_DONE && !t.copies.empty()) dcn_host_drain_copies(b, t, 0);
     }
-    const unsigned int pick =
-        cfg->vary ? runnable[dcn_host_next_random(&b->rng) % runnable.size()] : runnable[0];
-    cursor = pick + 1;
-    dcn_host_thread& t = b->threads[pick];
-    threadIdx = t.idx;
-    b->current = &t;
-    swapcontext(&b->scheduler, &t.context);
-    b->current = nullptr;
-    if (t.state == DCN_DONE && !t.copies.empty()) dcn_host_drain_copies(b, t, 0);
+    if (ran || b->failed) continue;
+    if (dcn_host_complete_warps(b)) continue;
+    if (dcn_host_complete_barrier(b)) continue;
+    bool done = true;
+    for (dcn_host_thread& t : b->threads) done &= t.state == DCN_DONE;
+    if (done) break;
+    dcn_host_fail(dcn_host_where(b) + ": deadlock: no thread can run" +
+                  dcn_host_thread_states(b));
   }
 }
 

@@ -2,15 +2,22 @@
 
 import numpy
 
-from cupydcn import _check, _dtypes
+from cupydcn import _dispatch, _dtypes
 
 # Relative-norm tolerances against the float64 reference (the dtype table's).
 TOLERANCE = {row.name: row.tolerance for row in _dtypes.DTYPES.values()}
-# Implementations held to another dtype's tolerance in the forward (TF32: float16's),
-# as `cupydcn check` holds them; their gradients keep the dtype's own.
-FORWARD_TOLERANCE_AS = {name: numpy.dtype(other)
-                        for name, other in _check.FORWARD_TOLERANCE_AS.items()}
 DTYPES = [row.dtype.type for row in _dtypes.DTYPES.values()]
+
+
+def forward_tolerance(op, algorithm, dtype):
+    """The tolerance of the forward of ``op``'s implementation ``algorithm``
+    (None: the automatic choice) in ``dtype``: the dtype's own, or looser where
+    the implementation is held to another dtype's (TF32: float16's), as
+    ``cupydcn check`` holds it; gradients keep the dtype's own."""
+    row = _dtypes.lookup(dtype)
+    if algorithm is None:
+        return row.tolerance
+    return _dispatch.implementation(op, algorithm).forward_tolerance(row)
 
 
 def dtype_name(dtype):
@@ -35,9 +42,10 @@ def rel_err(got, ref):
     return float(diff / scale) if scale > 0 else float(diff)
 
 
-def assert_close(got, ref, dtype, what=""):
+def assert_close(got, ref, dtype, what="", tol=None):
+    """``got`` within ``dtype``'s tolerance (or ``tol``) of ``ref``, by relative norm."""
     err = rel_err(got, ref)
-    tol = TOLERANCE[dtype_name(dtype)]
+    tol = TOLERANCE[dtype_name(dtype)] if tol is None else tol
     assert err <= tol, f"{what}: relative error {err:.3e} > {tol:.0e} ({dtype_name(dtype)})"
     return err
 

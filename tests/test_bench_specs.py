@@ -15,7 +15,7 @@ import numpy
 import pytest
 
 import cupydcn
-from cupydcn import _check
+from cupydcn import _dispatch
 from cupydcn import _bench
 from cupydcn._ops import SPECS
 
@@ -168,9 +168,10 @@ def test_each_algorithm_is_timed_on_its_own_rows(tmp_path):
     conv = [r for r in rows if r["case"].startswith("conv")]
     assert [(r["pass"], r["algorithm"]) for r in conv] == [
         (p, n) for p in ("fwd", "bwd", "fwd+bwd") for n in names]
-    # TF32 is held to float16's tolerance (cupydcn._check.FORWARD_TOLERANCE_AS)
+    # TF32 is held to float16's tolerance (Implementation.forward_tolerance_as)
     assert all(r["cupydcn ms"] == "1.010" and float(r["err cupydcn"]) < (
-        1e-2 if r["algorithm"] in _check.FORWARD_TOLERANCE_AS else 1e-5) for r in conv)
+        1e-2 if _dispatch.implementation("deform_conv2d", r["algorithm"]).forward_tolerance_as
+        else 1e-5) for r in conv)
     assert [label for label in clock.timed if label.startswith("cupydcn")] == [
         f"cupydcn {n} {p}" for n in names for p in ("fwd", "bwd", "fwd+bwd")] + [
         "cupydcn reference fwd", "cupydcn reference bwd", "cupydcn reference fwd+bwd"]

@@ -5,7 +5,7 @@ import pytest
 
 import cupydcn
 from cupydcn import _dispatch, _ops, reference
-from helpers import FORWARD_TOLERANCE_AS, assert_close
+from helpers import assert_close, forward_tolerance
 
 OPS = ("deform_conv2d", "deform_roi_pool", "deform_psroi_pool")
 
@@ -75,14 +75,15 @@ def test_every_cpu_algorithm_matches_the_reference(cpu_backend, backend, dtype):
     ref = reference.deform_conv2d(*exact[:3], None, one, one, one, exact[3])
     ref_grads = reference.deform_conv2d_backward(exact[4], *exact[:3], None, one, one, one,
                                                  exact[3])
-    table = {i.name: i for i in _dispatch._registry["deform_conv2d"]}
     for name in (None, *cupydcn.algorithms("deform_conv2d")):
-        if name is not None and table[name].dtypes is not None and (
-                numpy.dtype(dtype).name not in table[name].dtypes):
+        implementation = name and _dispatch.implementation("deform_conv2d", name)
+        if name is not None and implementation.dtypes is not None and (
+                numpy.dtype(dtype).name not in implementation.dtypes):
             continue  # e.g. implicit_gemm_tf32, float32 only (test_implementations skips it)
         out = cupydcn.deform_conv2d(x, offset, w, padding=1, mask=mask, algorithm=name)
         assert out.dtype == dtype
-        assert_close(out, ref, FORWARD_TOLERANCE_AS.get(name, dtype), f"forward {name}")
+        assert_close(out, ref, dtype, f"forward {name}",
+                     forward_tolerance("deform_conv2d", name, dtype))
         grads = cupydcn.deform_conv2d_backward(g, x, offset, w, padding=1, mask=mask,
                                                algorithm=name)
         for field, ref_grad in zip(cupydcn.DeformConv2dGrads._fields, ref_grads):

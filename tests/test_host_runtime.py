@@ -372,6 +372,21 @@ def test_cooperative_gemm_runs_the_same_without_checks():
     assert_close(C, expected, numpy.float32)
 
 
+def test_the_ucontext_fibers_run_the_same_as_the_fast_switch(host):
+    """Where the x86-64 switch is not built (other CPUs, or DCN_HOST_UCONTEXT),
+    fibers are POSIX ucontexts: the same kernel, checks on, gives the same
+    tile products bit for bit (the row sums add atomically across parallel
+    blocks, in a varying order)."""
+    portable = _kernels.HostBackend(checks=True, workers=2, seed=3,
+                                    flags=("-DDCN_HOST_UCONTEXT",))
+    for dtype in (numpy.float16, ml_dtypes.bfloat16):
+        C, rowsum, expected = _run_gemm(portable, dtype)
+        assert_close(C, expected, numpy.float32)
+        fast = _run_gemm(host, dtype)
+        numpy.testing.assert_array_equal(C, fast[0])
+        assert_close(rowsum, fast[1], numpy.float32)
+
+
 MUTATIONS = {
     "barrier removed": ("__syncthreads();  // [mutation: tiles landed]", ""),
     "fragment index off by one": ("(16 * (warp / 2) + lane % 16) * 16",

@@ -24,7 +24,7 @@ import pytest
 
 import cupydcn
 from cupydcn import _dispatch, _dtypes, _kernels, _ops
-from helpers import (DTYPES, FORWARD_TOLERANCE_AS, assert_close, dtype_name, rounded,
+from helpers import (DTYPES, assert_close, forward_tolerance, dtype_name, rounded,
                      to_numpy)
 from roi_cases import (
     GRIDS, PS_KINDS, ROI_KINDS, PSCase, RoICase, assert_bit_identical, draw_ps_roi, draw_roi,
@@ -44,8 +44,7 @@ def implementations(places):
             for implementation in table if implementation.runs_on & places]
 
 
-def implementation(op, name):
-    return next(i for i in _dispatch._registry[op] if i.name == name)
+implementation = _dispatch.implementation
 
 
 # ---------------------------------------------------------------- problems
@@ -200,8 +199,8 @@ def compare_with_reference(op, name, outputs, grads, batch, dtype, record=None):
     output = outputs["output"]
     assert output.shape == ref_outputs["output"].shape, what
     assert output.dtype == numpy.dtype(dtype), what
-    errors = {"forward": assert_close(output, ref_outputs["output"],
-                                      FORWARD_TOLERANCE_AS.get(name, dtype), f"{what} forward")}
+    errors = {"forward": assert_close(output, ref_outputs["output"], dtype, f"{what} forward",
+                                      forward_tolerance(op, name, dtype))}
     if "count" in ref_outputs:
         count = outputs["count"]
         assert count.dtype == _dtypes.lookup(dtype).acc, what

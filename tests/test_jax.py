@@ -571,7 +571,7 @@ def test_algorithm_selects_the_implementation(op, algorithm, mode, monkeypatch):
     the reference's within float64's tolerance."""
     from cupydcn import _dispatch
 
-    implementation = next(i for i in _dispatch._registry[op] if i.name == algorithm)
+    implementation = _dispatch.implementation(op, algorithm)
     if implementation.dtypes is not None and "float64" not in implementation.dtypes:
         pytest.skip(f"{algorithm} does not support float64 (this test's dtype)")
     function, arrays, cotangent, params, core, core_backward = op_case(op, F64)
@@ -589,7 +589,7 @@ def test_algorithm_selects_the_implementation(op, algorithm, mode, monkeypatch):
     # an implementation with float atomics adds in another order on another run
     # (the host backend runs blocks on several cores): the same bits only when
     # it is deterministic, else float64's tolerance
-    if next(i for i in _dispatch._registry[op] if i.name == algorithm).deterministic:
+    if _dispatch.implementation(op, algorithm).deterministic:
         same = assert_same
     else:
         def same(got, expected, what):

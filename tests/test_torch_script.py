@@ -267,7 +267,7 @@ def spy_core(monkeypatch, names):
 def test_conv_algorithm_reaches_forward_and_backward(monkeypatch, algorithm):
     from cupydcn import _dispatch
 
-    implementation = next(i for i in _dispatch._registry["deform_conv2d"] if i.name == algorithm)
+    implementation = _dispatch.implementation("deform_conv2d", algorithm)
     if implementation.dtypes is not None and "float64" not in implementation.dtypes:
         pytest.skip(f"{algorithm} does not support float64 (this test's dtype)")
     seen = spy_core(monkeypatch, ("deform_conv2d", "deform_conv2d_backward"))

@@ -14,7 +14,7 @@ from typing import NamedTuple
 
 import numpy
 
-from cupydcn import _check, _config, _dtypes
+from cupydcn import _config
 from cupydcn._bench import report as _report
 from cupydcn._bench.cases import choose_sets, make_inputs
 from cupydcn._bench.libraries import LIBRARIES, PASSES, make_ops, rel_err
@@ -70,7 +70,7 @@ def resolve_algorithm(runner, host, platform):
 def bench_case(case, dtype, options, platform, baselines, clock, progress, say):
     """Gate, time and measure one case in one dtype: a list of result rows (one
     per pass and cupydcn algorithm)."""
-    from cupydcn import ArgumentError
+    from cupydcn import ArgumentError, _dispatch
 
     tolerance = dtype.tolerance
     if options.tf32 and dtype.name == "float32":
@@ -118,10 +118,9 @@ def bench_case(case, dtype, options, platform, baselines, clock, progress, say):
         worst = max(errors.values())
         # an implementation held to another dtype's tolerance (TF32), as check does
         limit = tolerance
-        if op.column == "cupydcn" and op.algorithm in _check.FORWARD_TOLERANCE_AS:
-            other = _check.FORWARD_TOLERANCE_AS[op.algorithm]
-            limit = max(tolerance, next(d.tolerance for d in _dtypes.DTYPES.values()
-                                        if d.name == other))
+        if op.column == "cupydcn" and op.algorithm is not None:
+            limit = max(tolerance, _dispatch.implementation(
+                op.spec.name, op.algorithm).forward_tolerance(dtype))
         ok = worst <= limit
         outcome[op.key] = {
             "status": "ok" if ok else ("refused" if op.column == "cupydcn" else "inaccurate"),
