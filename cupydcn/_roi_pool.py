@@ -333,6 +333,53 @@ def _sorted_samples(xp, keys, samples, cells):
     return order, xp.ascontiguousarray(starts.astype(numpy.int64, copy=False))
 
 
+# ---- launches --------------------------------------------------------------
+
+WARP = 32
+LANES = (1, 2, 4, 8, 16, WARP)
+
+
+def lanes_for(backend, channels):
+    """Threads of a warp per item of the warp-per-bin gradients (the RoI
+    offset gradient, the PS RoI trans gradients), which reduce over
+    ``channels``: on CUDA the largest power of two <= min(32, channels), so a
+    bin's channel loop is spread over up to a warp; elsewhere 1 (on the host a
+    lane is a fiber and a shuffle a switch; with one lane no shuffle runs)."""
+    if getattr(backend, "name", None) != "cupy" or channels < 2:
+        return 1
+    return 1 << (min(WARP, channels).bit_length() - 1)
+
+
+def _checked_lanes(backend, channels, lanes):
+    """``lanes`` (None: :func:`lanes_for`), checked."""
+    lanes = lanes_for(backend, channels) if lanes is None else lanes
+    if lanes not in LANES:
+        raise _validation.ArgumentError(
+            f"lanes must be a power of two from 1 to 32, got {lanes!r}")
+    return lanes
+
+
+def _warp_threads(items, lanes):
+    """The threads of a warp-per-item kernel: items*lanes rounded up to whole warps."""
+    return -(-items * lanes // WARP) * WARP
+
+
+def _launch(backend, file, kernel, geo, bits, n, args, lanes=1):
+    """``backend.launch`` of one RoI kernel over ``n`` work items. With
+    ``lanes`` > 1 (a warp-per-item kernel: ``n`` covers whole warps) the
+    launch gives blocks of BLOCK threads, a multiple of the warp, so every
+    warp runs whole and reaches its shuffles with the full mask. The kernel
+    files hold warp shuffles, so the host would run all their kernels as
+    fibers; only a launch with lanes > 1 runs one, the others are plain loops."""
+    options = {}
+    if lanes > 1:
+        grid = min(-(-n // _kernels.BLOCK), getattr(backend, "grid", None) or _kernels.MAX_GRID)
+        options.update(grid=(grid,), block=(_kernels.BLOCK,))
+    if getattr(backend, "name", None) == "host":
+        options["cooperative"] = lanes > 1
+    backend.launch(file, kernel, geo.dtype, bits, n, args, **options)
+
+
 # ---- deform_roi_pool kernel paths ----------------------------------------
 
 
@@ -353,8 +400,8 @@ def roi_pool_forward(backend, geo, input, rois, offset=None, mask=None):
     if out.size == 0:
         return out
     input, rois, offset, mask = _kernels.contiguous(xp, input, rois, offset, mask)
-    backend.launch(_ROI, "deform_roi_pool_forward", geo.dtype, _roi_bits(geo), out.size,
-                   [input, rois, offset, mask, out, *_roi_args(geo)])
+    _launch(backend, _ROI, "deform_roi_pool_forward", geo, _roi_bits(geo), out.size,
+            [input, rois, offset, mask, out, *_roi_args(geo)])
     return out
 
 
@@ -365,26 +412,28 @@ def _roi_input_gather(backend, geo, bits, args, grad_output, rois, offset, mask,
     xp = backend.xp
     nbins = geo.R * geo.ph * geo.pw
     counts = _config.empty(xp, (nbins,), numpy.int64)
-    backend.launch(_ROI, "deform_roi_pool_sample_count", geo.dtype, bits, nbins,
-                   [rois, offset, mask, counts, *args])
+    _launch(backend, _ROI, "deform_roi_pool_sample_count", geo, bits, nbins,
+            [rois, offset, mask, counts, *args])
     first = xp.concatenate([xp.zeros(1, numpy.int64), xp.cumsum(counts)])
     cells = geo.N * geo.H * geo.W
     for k0, k1, samples in _counted_chunks(first, cells):
         keys = _config.empty(xp, (samples,), numpy.int64)
-        backend.launch(_ROI, "deform_roi_pool_sample_keys", geo.dtype, bits, k1 - k0,
-                       [rois, offset, mask, first, keys, *args, k0, k1])
+        _launch(backend, _ROI, "deform_roi_pool_sample_keys", geo, bits, k1 - k0,
+                [rois, offset, mask, first, keys, *args, k0, k1])
         order, starts = _sorted_samples(xp, keys, samples, cells)
         del keys
-        backend.launch(_ROI, "deform_roi_pool_backward_input_gather", geo.dtype, bits,
-                       grad_input.size, [grad_output, rois, offset, mask, first, order, starts,
-                                         grad_input, *args, k0, k1])
+        _launch(backend, _ROI, "deform_roi_pool_backward_input_gather", geo, bits,
+                grad_input.size, [grad_output, rois, offset, mask, first, order, starts,
+                                  grad_input, *args, k0, k1])
 
 
 def roi_pool_backward(backend, geo, grad_output, input, rois, offset=None, mask=None,
-                      wrt=ROI_GRADIENTS, deterministic=False):
+                      wrt=ROI_GRADIENTS, deterministic=False, lanes=None):
     """The kernel path of deform_roi_pool_backward; ``wrt`` names ROI_GRADIENTS
     (offset and mask are computed only when given). ``deterministic`` takes the
-    atomic-free input gradient."""
+    atomic-free input gradient. ``lanes`` (a power of two, 1..32: threads of a
+    warp per bin of the offset and mask gradients) overrides :func:`lanes_for`."""
+    lanes = _checked_lanes(backend, geo.C, lanes)
     xp = backend.xp
     dtype, acc = geo.dtype.dtype, geo.dtype.acc
     grad_input = (_arrays.zeros_result(xp, input.shape, acc, result=acc == dtype)
@@ -401,13 +450,14 @@ def roi_pool_backward(backend, geo, grad_output, input, rois, offset=None, mask=
             _roi_input_gather(backend, geo, bits, args, grad_output, rois, offset, mask,
                               grad_input)
         elif grad_input is not None:
-            backend.launch(_ROI, "deform_roi_pool_backward_input", geo.dtype, bits,
-                           grad_output.size, [grad_output, rois, offset, mask, grad_input, *args])
+            _launch(backend, _ROI, "deform_roi_pool_backward_input", geo, bits,
+                    grad_output.size, [grad_output, rois, offset, mask, grad_input, *args])
         if grad_offset is not None or grad_mask is not None:
-            backend.launch(_ROI, "deform_roi_pool_backward_offset", geo.dtype, bits,
-                           geo.R * geo.ph * geo.pw,
-                           [grad_output, input, rois, offset, mask, grad_offset, grad_mask,
-                            *args])
+            threads = _warp_threads(geo.R * geo.ph * geo.pw, lanes)
+            _launch(backend, _ROI, "deform_roi_pool_backward_offset", geo,
+                    max(bits, _dtypes.index_bits(threads + WARP)), threads,
+                    [grad_output, input, rois, offset, mask, grad_offset, grad_mask, lanes,
+                     *args], lanes)
     else:  # no RoI or no channel: nothing to pool, every gradient is 0
         for g in (grad_offset, grad_mask):
             if g is not None:
@@ -443,8 +493,8 @@ def psroi_pool_forward(backend, geo, input, rois, trans=None):
     if out.size == 0:
         return out, count
     input, rois, trans = _kernels.contiguous(xp, input, rois, trans)
-    backend.launch(_PSROI, "deform_psroi_pool_forward", geo.dtype, _psroi_bits(geo), out.size,
-                   [input, rois, trans, out, count, *_psroi_args(geo)])
+    _launch(backend, _PSROI, "deform_psroi_pool_forward", geo, _psroi_bits(geo), out.size,
+            [input, rois, trans, out, count, *_psroi_args(geo)])
     return out, count
 
 
@@ -459,20 +509,22 @@ def _psroi_input_gather(backend, geo, bits, args, grad_output, rois, trans, coun
     for k0, k1, samples in _fixed_chunks(nbins, spp2, cells):
         chunk_bits = max(bits, _dtypes.index_bits(samples))
         keys = _config.empty(xp, (samples,), numpy.int64)
-        backend.launch(_PSROI, "deform_psroi_pool_sample_keys", geo.dtype, chunk_bits, samples,
-                       [rois, trans, keys, *args, k0, k1])
+        _launch(backend, _PSROI, "deform_psroi_pool_sample_keys", geo, chunk_bits, samples,
+                [rois, trans, keys, *args, k0, k1])
         order, starts = _sorted_samples(xp, keys, samples, cells)
         del keys
-        backend.launch(_PSROI, "deform_psroi_pool_backward_input_gather", geo.dtype, chunk_bits,
-                       grad_input.size, [grad_output, rois, trans, count, order, starts,
-                                         grad_input, *args, k0, k1])
+        _launch(backend, _PSROI, "deform_psroi_pool_backward_input_gather", geo, chunk_bits,
+                grad_input.size, [grad_output, rois, trans, count, order, starts,
+                                  grad_input, *args, k0, k1])
 
 
 def psroi_pool_backward(backend, geo, grad_output, input, rois, trans=None, count=None,
-                        wrt=PSROI_GRADIENTS, deterministic=False):
+                        wrt=PSROI_GRADIENTS, deterministic=False, lanes=None):
     """The kernel path of deform_psroi_pool_backward; ``count`` None recomputes
     it with the forward kernel. ``deterministic`` takes the atomic-free
-    gradients."""
+    gradients. ``lanes`` (a power of two, 1..32: threads of a warp per item of
+    the trans gradient) overrides :func:`lanes_for`."""
+    lanes = _checked_lanes(backend, geo.output_dim // max(geo.num_classes, 1), lanes)
     xp = backend.xp
     dtype, acc = geo.dtype.dtype, geo.dtype.acc
     grad_input = (_arrays.zeros_result(xp, input.shape, acc, result=acc == dtype)
@@ -492,16 +544,16 @@ def psroi_pool_backward(backend, geo, grad_output, input, rois, trans=None, coun
             _psroi_input_gather(backend, geo, bits, args, grad_output, rois, trans, count,
                                 grad_input)
         elif grad_input is not None:
-            backend.launch(_PSROI, "deform_psroi_pool_backward_input", geo.dtype, bits, n,
-                           [grad_output, rois, trans, count, grad_input, *args])
-        if grad_trans is not None and deterministic:
-            backend.launch(_PSROI, "deform_psroi_pool_backward_trans_gather", geo.dtype, bits,
-                           geo.R * geo.num_classes * geo.part_size**2,
-                           [grad_output, input, rois, trans, count, grad_trans, *args])
-        elif grad_trans is not None:
-            backend.launch(_PSROI, "deform_psroi_pool_backward_trans", geo.dtype, bits,
-                           geo.R * geo.num_classes * geo.pooled_size**2,
-                           [grad_output, input, rois, trans, count, grad_trans, *args])
+            _launch(backend, _PSROI, "deform_psroi_pool_backward_input", geo, bits, n,
+                    [grad_output, rois, trans, count, grad_input, *args])
+        if grad_trans is not None:
+            kernel, items = (
+                ("deform_psroi_pool_backward_trans_gather", geo.part_size**2) if deterministic
+                else ("deform_psroi_pool_backward_trans", geo.pooled_size**2))
+            threads = _warp_threads(geo.R * geo.num_classes * items, lanes)
+            _launch(backend, _PSROI, kernel, geo, max(bits, _dtypes.index_bits(threads + WARP)),
+                    threads, [grad_output, input, rois, trans, count, grad_trans, lanes, *args],
+                    lanes)
     if grad_input is not None:
         grad_input = _arrays.result(xp, grad_input, dtype)
     if grad_trans is not None:

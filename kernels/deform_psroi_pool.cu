@@ -19,9 +19,15 @@
 //   2^24 even for the half types).
 // - deform_psroi_pool_backward_input: one thread per output element; scatters
 //   grad / count * corner weight into an A-typed grad_input with atomicAdd.
-// - deform_psroi_pool_backward_trans: one thread per (r, cls, py, px),
-//   reducing over the class's channels in registers, then one atomicAdd per
-//   coordinate into the A-typed grad_trans (several bins share a part cell).
+// - deform_psroi_pool_backward_trans: a warp (or `lanes` threads of one, a
+//   power of two, 1..32) per bin (r, cls, py, px): the lanes take the class's
+//   channels c_begin + lane, c_begin + lane + lanes, ..., sum their terms in
+//   registers, reduce them with __shfl_xor_sync, and lane 0 adds each
+//   coordinate with one atomicAdd into the A-typed grad_trans (several bins
+//   share a part cell). The loop covers whole warps (the launch's block is a
+//   multiple of 32), so every lane reaches every shuffle with the full mask;
+//   lanes = 1 (the host: a lane there is a fiber) runs no shuffle, a plain
+//   loop.
 //   The official rule: at the clamped position, d/dx = (1-dist_y)*(U[y0,x1] -
 //   U[y0,x0]) + dist_y*(U[y1,x1] - U[y1,x0]) with floor/ceil corners, so a
 //   clamped or integral coordinate gives 0; times trans_std*roi_w (roi_h for
@@ -60,11 +66,13 @@
 // that figure) and 8*(N*num_classes*G^2*H*W + 1) bytes for ``starts`` (at
 // most 8 bytes per input element, as num_classes <= output_dim; twice that
 // while ``searchsorted`` runs, for its query).
-// Trans: deform_psroi_pool_backward_trans_gather, one thread per
-// (r, cls, part_y, part_x), loops over the bins (py, px) whose part cell it is,
-// in row-major order, computing each bin's term exactly as
-// deform_psroi_pool_backward_trans does (dcn_psroi_trans_bin), and writes both
-// coordinates once: every element of grad_trans is written, no extra memory.
+// Trans: deform_psroi_pool_backward_trans_gather, `lanes` threads of a warp
+// per (r, cls, part_y, part_x), loops over the bins (py, px) whose part cell
+// it is, in row-major order, each lane adding its channels' terms computed
+// as deform_psroi_pool_backward_trans does (dcn_psroi_trans_bin); the lanes'
+// sums are reduced with __shfl_xor_sync (a fixed butterfly order) and lane 0
+// writes both coordinates once: every element of grad_trans is written, no
+// extra memory.
 // Every sum has a fixed order, so both gradients are bit-identical run after
 // run (for the same workspace limit: it fixes the chunks).
 // Robustness: the batch index rois[r, 0] is converted only when it is an
@@ -270,15 +278,16 @@ __global__ void deform_psroi_pool_backward_input(
   }
 }
 
-// The trans gradient terms of bin (r, cls, py, px): summed over the class's
-// channels and the bin's counted samples, times trans_std*roi_w (x) and
-// trans_std*roi_h (y); false (and nothing) for a void bin. *bin gets the bin.
+// One lane's trans gradient terms of bin (r, cls, py, px): summed over the
+// class's channels c_begin + lane, c_begin + lane + lanes, ... and the bin's
+// counted samples, times trans_std*roi_w (x) and trans_std*roi_h (y) (lanes =
+// 1: the whole bin); false (and nothing) for a void bin. *bin gets the bin.
 template <typename T, typename I, typename A>
 __device__ __forceinline__ bool dcn_psroi_trans_bin(
     const T* grad_output, const T* input, const T* rois, const T* trans, const A* count, I r,
-    I cls, I py, I px, I N, I C, I H, I W, I output_dim, I group_size, I pooled, I part_size,
-    I sample_per_part, I num_classes, A spatial_scale, A trans_std, dcn_psroi_bin<I, A>* bin,
-    A* grad_x, A* grad_y) {
+    I cls, I py, I px, I lane, I lanes, I N, I C, I H, I W, I output_dim, I group_size,
+    I pooled, I part_size, I sample_per_part, I num_classes, A spatial_scale, A trans_std,
+    dcn_psroi_bin<I, A>* bin, A* grad_x, A* grad_y) {
   if (!dcn_psroi_bin_setup(rois, trans, r, cls, py, px, N, H, W, pooled, part_size,
                            sample_per_part, num_classes, spatial_scale, trans_std, bin))
     return false;
@@ -297,7 +306,7 @@ __device__ __forceinline__ bool dcn_psroi_trans_bin(
       dcn_psroi_corners<I, A> s;
       if (!dcn_psroi_corners_setup(H, W, h, bin->wstart + (A)iw * bin->sub_w, &s)) continue;
       const A dx = s.dist_x, dy = s.dist_y;
-      for (I c = c_begin; c < c_begin + channels_each_class; ++c) {
+      for (I c = c_begin + lane; c < c_begin + channels_each_class; c += lanes) {
         const I out_index = (r * output_dim + c) * bins + pixel;
         const A used = count[out_index];
         if (!(used > (A)0)) continue;
@@ -319,24 +328,34 @@ template <typename T, typename I>
 __global__ void deform_psroi_pool_backward_trans(
     const T* __restrict__ grad_output, const T* __restrict__ input, const T* __restrict__ rois,
     const T* __restrict__ trans, const typename dcn_acc<T>::type* __restrict__ count,
-    typename dcn_acc<T>::type* __restrict__ grad_trans, I N, I C, I H, I W, I R, I output_dim,
-    I group_size, I pooled, I part_size, I sample_per_part, I num_classes,
+    typename dcn_acc<T>::type* __restrict__ grad_trans, I lanes, I N, I C, I H, I W, I R,
+    I output_dim, I group_size, I pooled, I part_size, I sample_per_part, I num_classes,
     typename dcn_acc<T>::type spatial_scale, typename dcn_acc<T>::type trans_std) {
   typedef typename dcn_acc<T>::type A;
   const I bins = pooled * pooled;
-  const I n = R * num_classes * bins;
-  DCN_KERNEL_LOOP(index, I, n) {
-    const I pixel = index % bins;
-    const I t = index / bins;
-    const I cls = t % num_classes;
-    const I r = t / num_classes;
+  const I items = R * num_classes * bins;
+  const I threads = ((items * lanes + 31) / 32) * 32;  // whole warps
+  DCN_KERNEL_LOOP(t, I, threads) {
+    const I index = t / lanes;  // the bin (r*num_classes + cls)*bins + pixel
+    const I lane = t % lanes;
+    const bool active = index < items;
+    const I pixel = active ? index % bins : 0;
+    const I rc = active ? index / bins : 0;
+    const I cls = rc % num_classes;
+    const I r = rc / num_classes;
     dcn_psroi_bin<I, A> bin;
-    A grad_x, grad_y;
-    if (!dcn_psroi_trans_bin(grad_output, input, rois, trans, count, r, cls, pixel / pooled,
-                             pixel % pooled, N, C, H, W, output_dim, group_size, pooled,
-                             part_size, sample_per_part, num_classes, spatial_scale, trans_std,
-                             &bin, &grad_x, &grad_y))
-      continue;
+    A grad_x = 0, grad_y = 0;
+    const bool ok =
+        active && dcn_psroi_trans_bin(grad_output, input, rois, trans, count, r, cls,
+                                      pixel / pooled, pixel % pooled, lane, lanes, N, C, H, W,
+                                      output_dim, group_size, pooled, part_size,
+                                      sample_per_part, num_classes, spatial_scale, trans_std,
+                                      &bin, &grad_x, &grad_y);
+    for (I s = lanes / 2; s > 0; s /= 2) {  // every lane of the warp is here
+      grad_x += __shfl_xor_sync(0xffffffffu, grad_x, (int)s);
+      grad_y += __shfl_xor_sync(0xffffffffu, grad_y, (int)s);
+    }
+    if (!ok || lane != 0) continue;
     atomicAdd(grad_trans + bin.trans_x, grad_x);
     atomicAdd(grad_trans + bin.trans_x + part_size * part_size, grad_y);
   }
@@ -448,33 +467,39 @@ __global__ void deform_psroi_pool_backward_input_gather(
   }
 }
 
-// One thread per trans cell (r, cls, part_y, part_x): the terms of the bins
-// whose part cell it is, in row-major bin order; writes both coordinates.
+// `lanes` threads of a warp per trans cell (r, cls, part_y, part_x): each lane
+// adds its channels' terms of the bins whose part cell it is, in row-major
+// bin order; the lanes' sums are reduced with __shfl_xor_sync (a fixed
+// order) and lane 0 writes both coordinates.
 template <typename T, typename I>
 __global__ void deform_psroi_pool_backward_trans_gather(
     const T* __restrict__ grad_output, const T* __restrict__ input, const T* __restrict__ rois,
     const T* __restrict__ trans, const typename dcn_acc<T>::type* __restrict__ count,
-    typename dcn_acc<T>::type* __restrict__ grad_trans, I N, I C, I H, I W, I R, I output_dim,
-    I group_size, I pooled, I part_size, I sample_per_part, I num_classes,
+    typename dcn_acc<T>::type* __restrict__ grad_trans, I lanes, I N, I C, I H, I W, I R,
+    I output_dim, I group_size, I pooled, I part_size, I sample_per_part, I num_classes,
     typename dcn_acc<T>::type spatial_scale, typename dcn_acc<T>::type trans_std) {
   typedef typename dcn_acc<T>::type A;
   const I cells = part_size * part_size;
-  const I n = R * num_classes * cells;
-  DCN_KERNEL_LOOP(index, I, n) {
+  const I items = R * num_classes * cells;
+  const I threads = ((items * lanes + 31) / 32) * 32;  // whole warps
+  DCN_KERNEL_LOOP(t, I, threads) {
+    const I index = t / lanes;  // the cell (r*num_classes + cls)*cells + part_y*part_size + part_x
+    const I lane = t % lanes;
+    const bool active = index < items;
     const I part_x = index % part_size;
     const I part_y = (index / part_size) % part_size;
-    const I t = index / cells;  // r*num_classes + cls
-    const I cls = t % num_classes;
-    const I r = t / num_classes;
+    const I rc = index / cells;  // r*num_classes + cls
+    const I cls = rc % num_classes;
+    const I r = rc / num_classes;
     A sum_x = 0, sum_y = 0;
-    for (I py = 0; py < pooled; ++py) {
+    for (I py = 0; active && py < pooled; ++py) {
       if (py * part_size / pooled != part_y) continue;
       for (I px = 0; px < pooled; ++px) {
         if (px * part_size / pooled != part_x) continue;
         dcn_psroi_bin<I, A> bin;
         A grad_x, grad_y;
-        if (!dcn_psroi_trans_bin(grad_output, input, rois, trans, count, r, cls, py, px, N, C,
-                                 H, W, output_dim, group_size, pooled, part_size,
+        if (!dcn_psroi_trans_bin(grad_output, input, rois, trans, count, r, cls, py, px, lane,
+                                 lanes, N, C, H, W, output_dim, group_size, pooled, part_size,
                                  sample_per_part, num_classes, spatial_scale, trans_std, &bin,
                                  &grad_x, &grad_y))
           continue;
@@ -482,7 +507,12 @@ __global__ void deform_psroi_pool_backward_trans_gather(
         sum_y += grad_y;
       }
     }
-    const I out = (t * 2 * part_size + part_y) * part_size + part_x;
+    for (I s = lanes / 2; s > 0; s /= 2) {  // every lane of the warp is here
+      sum_x += __shfl_xor_sync(0xffffffffu, sum_x, (int)s);
+      sum_y += __shfl_xor_sync(0xffffffffu, sum_y, (int)s);
+    }
+    if (!active || lane != 0) continue;
+    const I out = (rc * 2 * part_size + part_y) * part_size + part_x;
     grad_trans[out] = sum_x;
     grad_trans[out + cells] = sum_y;
   }

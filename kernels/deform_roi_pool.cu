@@ -18,9 +18,18 @@
 //   and deform_roi_pool_sample_keys): the same input gradient without
 //   floating-point atomics, for deterministic=True; see "Deterministic input
 //   gradient" below.
-// - deform_roi_pool_backward_offset: one thread per bin (r, py, px), looping
-//   over the samples and, for each, over the channels in registers; writes
-//   grad_offset (R, 2, ph, pw) and grad_mask (R, 1, ph, pw) once, no atomics.
+// - deform_roi_pool_backward_offset: a warp (or `lanes` threads of one, a
+//   power of two, 1..32) per bin (r, py, px). Every lane computes the bin and
+//   its samples; for each sample the lanes take the channels c = lane,
+//   lane + lanes, ... and accumulate in registers; the lanes' partial sums
+//   are reduced with __shfl_xor_sync (log2(lanes) butterfly steps, a fixed
+//   order: the same bits run after run), and lane 0 writes grad_offset
+//   (R, 2, ph, pw) and grad_mask (R, 1, ph, pw) once, no atomics. The loop
+//   runs over bins*lanes threads rounded up to whole warps (the launch's
+//   block is a multiple of 32), so every lane of a warp reaches every shuffle
+//   with the full mask; a lane past the last bin adds zeros and writes
+//   nothing. With lanes = 1 (the host: there a lane is a fiber and a shuffle
+//   a switch) no shuffle runs and the kernel is a plain loop.
 //   The offset gradient is the exact derivative of the forward (the lead's
 //   rule): per sample, after the forward's clamps, d/dx = hy*(I[y0,x1] -
 //   I[y0,x0]) + ly*(I[y1,x1] - I[y1,x0]), 0 when x < 0 was clamped to 0 (the
@@ -282,19 +291,23 @@ template <typename T, typename I>
 __global__ void deform_roi_pool_backward_offset(
     const T* __restrict__ grad_output, const T* __restrict__ input, const T* __restrict__ rois,
     const T* __restrict__ offset, const T* __restrict__ mask, T* __restrict__ grad_offset,
-    T* __restrict__ grad_mask, I N, I C, I H, I W, I R, I ph, I pw, I sampling_ratio,
+    T* __restrict__ grad_mask, I lanes, I N, I C, I H, I W, I R, I ph, I pw, I sampling_ratio,
     typename dcn_acc<T>::type spatial_scale, typename dcn_acc<T>::type gamma) {
   typedef typename dcn_acc<T>::type A;
   const I bins = ph * pw;
-  const I n = R * bins;
-  DCN_KERNEL_LOOP(index, I, n) {
-    const I pixel = index % bins;
-    const I r = index / bins;
+  const I items = R * bins;
+  const I threads = ((items * lanes + 31) / 32) * 32;  // whole warps
+  DCN_KERNEL_LOOP(t, I, threads) {
+    const I index = t / lanes;  // the bin r*bins + pixel
+    const I lane = t % lanes;
+    const bool active = index < items;
+    const I pixel = active ? index % bins : 0;
+    const I r = active ? index / bins : 0;
     const I py = pixel / pw, px = pixel % pw;
     A sum_dx = 0, sum_dy = 0, sum_value = 0;
     dcn_roi_bin<I, A> bin;
-    const bool ok = dcn_roi_bin_setup(rois, offset, mask, r, py, px, N, H, W, ph, pw,
-                                      sampling_ratio, spatial_scale, gamma, &bin);
+    const bool ok = active && dcn_roi_bin_setup(rois, offset, mask, r, py, px, N, H, W, ph, pw,
+                                                sampling_ratio, spatial_scale, gamma, &bin);
     if (ok) {
       const T* grad = grad_output + r * C * bins + pixel;
       const T* image = input + bin.b * C * H * W;
@@ -306,7 +319,7 @@ __global__ void deform_roi_pool_backward_offset(
           if (!dcn_roi_corners_setup(H, W, y, dcn_roi_sample_x(bin, ix), &s)) continue;
           const bool want_dx = grad_offset && !s.clamped_x;
           const bool want_dy = grad_offset && !s.clamped_y;
-          for (I c = 0; c < C; ++c) {
+          for (I c = lane; c < C; c += lanes) {
             const A g = dcn_load(grad[c * bins]);
             const T* plane = image + c * plane_size;
             const A v00 = dcn_load(plane[s.i00]), v01 = dcn_load(plane[s.i01]);
@@ -320,6 +333,15 @@ __global__ void deform_roi_pool_backward_offset(
         }
       }
     }
+    // Every lane of the warp is here (whole warps, one reduction per
+    // iteration): the butterfly adds in a fixed order, every lane ends with
+    // the bin's totals.
+    for (I s = lanes / 2; s > 0; s /= 2) {
+      sum_dx += __shfl_xor_sync(0xffffffffu, sum_dx, (int)s);
+      sum_dy += __shfl_xor_sync(0xffffffffu, sum_dy, (int)s);
+      sum_value += __shfl_xor_sync(0xffffffffu, sum_value, (int)s);
+    }
+    if (!active || lane != 0) continue;
     if (grad_offset) {
       A gx = 0, gy = 0;
       if (ok) {

@@ -221,7 +221,8 @@ def roi_reference(exact, case):
     return out, _roi_pool.DeformRoIPoolGrads(*grads)
 
 
-def roi_run(backend, typed, case, wrt=_roi_pool.ROI_GRADIENTS, deterministic=False):
+def roi_run(backend, typed, case, wrt=_roi_pool.ROI_GRADIENTS, deterministic=False,
+            lanes=None):
     geo = _validation.check_deform_roi_pool(typed["input"], typed["rois"], typed["offset"],
                                             mask=typed["mask"], grad_output=typed["grad_output"],
                                             check_batch=False, **roi_params(case))
@@ -231,7 +232,7 @@ def roi_run(backend, typed, case, wrt=_roi_pool.ROI_GRADIENTS, deterministic=Fal
                                mask=typed["mask"])
     grads = _roi_pool.roi_pool_backward(backend, geo, typed["grad_output"], typed["input"],
                                         typed["rois"], typed["offset"], typed["mask"], wrt,
-                                        deterministic)
+                                        deterministic, lanes)
     return out, grads
 
 
@@ -389,7 +390,7 @@ def ps_reference(exact, case):
 
 
 def ps_run(backend, typed, case, wrt=_roi_pool.PSROI_GRADIENTS, pass_count=True,
-           deterministic=False):
+           deterministic=False, lanes=None):
     geo = _validation.check_deform_psroi_pool(typed["input"], typed["rois"], typed["trans"],
                                               grad_output=typed["grad_output"],
                                               check_batch=False, **ps_params(case))
@@ -398,7 +399,8 @@ def ps_run(backend, typed, case, wrt=_roi_pool.PSROI_GRADIENTS, pass_count=True,
     wrt = _validation.check_wrt(wrt, _roi_pool.PSROI_GRADIENTS, trans=typed["trans"])
     grads = _roi_pool.psroi_pool_backward(backend, geo, typed["grad_output"], typed["input"],
                                           typed["rois"], typed["trans"],
-                                          count if pass_count else None, wrt, deterministic)
+                                          count if pass_count else None, wrt, deterministic,
+                                          lanes)
     return out, count, grads
 
 # ======================================================================
