@@ -9,6 +9,9 @@ either backend: CuPy on the GPU, or the host build of the same source in the
 CPU test tier. NumPy inputs take the reference (``cupydcn.reference``). Both
 backwards have a ``deterministic`` mode without floating-point atomics (sorted
 samples gathered per input element; see the kernel files' opening paragraphs).
+The offset and mask gradients of deform_roi_pool and the trans gradient of
+deform_psroi_pool reduce over the channels with ``lanes`` threads of a warp per
+bin (:func:`lanes_for`: 1 on the host, a plain loop).
 """
 
 from __future__ import annotations
@@ -337,17 +340,22 @@ def _sorted_samples(xp, keys, samples, cells):
 
 WARP = 32
 LANES = (1, 2, 4, 8, 16, WARP)
+CUDA_LANES = 8
 
 
 def lanes_for(backend, channels):
     """Threads of a warp per item of the warp-per-bin gradients (the RoI
     offset gradient, the PS RoI trans gradients), which reduce over
-    ``channels``: on CUDA the largest power of two <= min(32, channels), so a
-    bin's channel loop is spread over up to a warp; elsewhere 1 (on the host a
-    lane is a fiber and a shuffle a switch; with one lane no shuffle runs)."""
+    ``channels``. A heuristic until GPU measurements replace it
+    (benchmarks/NOTES.md, "RoI pooling: a warp per bin"): on CUDA the largest
+    power of two <= min(CUDA_LANES, channels), so a bin's channel loop is cut
+    8-fold while a warp still covers 32/lanes neighbouring bins of one RoI,
+    whose corner reads share sectors of the same planes (32 lanes would read
+    32 planes per load); elsewhere 1 (on the host a lane is a fiber and a
+    shuffle a switch; with one lane no shuffle runs)."""
     if getattr(backend, "name", None) != "cupy" or channels < 2:
         return 1
-    return 1 << (min(WARP, channels).bit_length() - 1)
+    return 1 << (min(CUDA_LANES, channels).bit_length() - 1)
 
 
 def _checked_lanes(backend, channels, lanes):
@@ -621,7 +629,8 @@ def _register(op, file, forward, backward, reference_forward, reference_backward
     _dispatch.register(_dispatch.Implementation(
         "bins", op, kernels, deterministic=False, forward=forward, backward=backward(False),
         launch=_dispatch.Launch(file), priority=20,
-        summary="one thread per output element; input gradient scattered with float atomics"))
+        summary="one thread per output element; input gradient scattered with float atomics; "
+                "offset, mask and trans gradients a warp per bin (channels reduced in the warp)"))
     _dispatch.register(_dispatch.Implementation(
         "bins_deterministic", op, kernels, deterministic=True, forward=forward,
         backward=backward(True), launch=_dispatch.Launch(file), priority=10,
