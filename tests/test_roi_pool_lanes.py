@@ -16,7 +16,7 @@ the kernels that must fail.
 import numpy
 import pytest
 
-from cupydcn import _kernels, _roi_pool, _validation
+from cupydcn import _dtypes, _kernels, _roi_pool, _validation
 from helpers import DTYPES, dtype_name, rel_err
 from roi_cases import (
     PSCase, RoICase, assert_bit_identical, compare, make_ps_case, make_roi_case, ps_reference,
@@ -75,6 +75,19 @@ def test_one_roi_with_lanes(lanes):
     ref_out, ref_grads = roi_reference(arrays, ROI)
     out, grads = roi_run(fibers(), arrays, ROI, lanes=lanes)
     compare(out, grads, ref_out, ref_grads, numpy.float64, "deform_roi_pool one RoI")
+
+
+def test_lanes_with_64bit_indices(roi_data, ps_data, monkeypatch):
+    monkeypatch.setattr(_dtypes, "INT32_LIMIT", 0)
+    typed, exact = typed_and_exact(roi_data, numpy.float32)
+    ref_out, ref_grads = roi_reference(exact, ROI)
+    out, grads = roi_run(fibers(), typed, ROI, lanes=8)
+    compare(out, grads, ref_out, ref_grads, numpy.float32, "deform_roi_pool 64-bit lanes=8")
+    typed, exact = typed_and_exact(ps_data, numpy.float32)
+    ref_out, _, ref_grads = ps_reference(exact, PS)
+    for deterministic in (False, True):
+        out, _, grads = ps_run(fibers(), typed, PS, deterministic=deterministic, lanes=8)
+        compare(out, grads, ref_out, ref_grads, numpy.float32, "deform_psroi_pool 64-bit lanes=8")
 
 
 def test_lanes_results_are_bit_identical_run_to_run(roi_data, ps_data):
