@@ -137,6 +137,30 @@ def test_users_host_path_runs_one_lane_as_a_plain_loop(roi_data, monkeypatch):
     assert {cooperative for _, cooperative in seen} == {False}
 
 
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", DTYPES, ids=dtype_name)
+@pytest.mark.parametrize("lanes", (1, 8, 32))
+def test_gpu_lanes_match_reference(gpu, roi_data, ps_data, lanes, dtype):
+    """The same kernels on the GPU with real shuffles, every width the
+    heuristic could take, the deterministic trans gradient bit-identical run
+    to run."""
+    import cupy
+
+    def on_gpu(arrays):
+        return {k: None if v is None else cupy.asarray(v) for k, v in arrays.items()}
+
+    typed, exact = typed_and_exact(roi_data, dtype)
+    ref_out, ref_grads = roi_reference(exact, ROI)
+    out, grads = roi_run(gpu, on_gpu(typed), ROI, lanes=lanes)
+    compare(out, grads, ref_out, ref_grads, dtype, f"deform_roi_pool GPU lanes={lanes}")
+    typed, exact = typed_and_exact(ps_data, dtype)
+    ref_out, _, ref_grads = ps_reference(exact, PS)
+    runs = [ps_run(gpu, on_gpu(typed), PS, deterministic=True, lanes=lanes) for _ in range(2)]
+    assert_bit_identical([r[2] for r in runs], f"deform_psroi_pool GPU lanes={lanes}")
+    compare(runs[0][0], runs[0][2], ref_out, ref_grads, dtype,
+            f"deform_psroi_pool GPU lanes={lanes}")
+
+
 # ---------------------------------------------------------------- mutations
 
 ROI_MUTATIONS = {
