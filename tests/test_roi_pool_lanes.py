@@ -170,10 +170,9 @@ ROI_MUTATIONS = {
                                "for (I s = lanes / 2; s > 1; s /= 2)"),
     "partial warp": ("const I threads = ((items * lanes + 31) / 32) * 32;",
                      "const I threads = items * lanes;"),
-    "channel start": ("for (I c = lane; c < C; c += lanes)",
-                      "for (I c = lane + 1; c < C; c += lanes)"),
-    "channel stride": ("for (I c = lane; c < C; c += lanes)",
-                       "for (I c = lane; c < C; c += lanes + 1)"),
+    "channel start": ("const T* grad_c = grad + lane * bins;",
+                      "const T* grad_c = grad + (lane / 2) * bins;"),
+    "channel stride": ("c += lanes, grad_c", "c += 2 * lanes, grad_c"),
 }
 
 SCATTER, GATHER = "deform_psroi_pool_backward_trans", "deform_psroi_pool_backward_trans_gather"
