@@ -376,9 +376,11 @@ def _launch(backend, file, kernel, geo, bits, n, args, lanes=1):
     """``backend.launch`` of one RoI kernel over ``n`` work items. With
     ``lanes`` > 1 (a warp-per-item kernel: ``n`` covers whole warps) the
     launch gives blocks of BLOCK threads, a multiple of the warp, so every
-    warp runs whole and reaches its shuffles with the full mask. The kernel
-    files hold warp shuffles, so the host would run all their kernels as
-    fibers; only a launch with lanes > 1 runs one, the others are plain loops."""
+    warp runs whole and reaches its shuffles with the full mask (the RoI
+    offset gradient declares ``__launch_bounds__(256)``: BLOCK, or the default
+    block, which is BLOCK too). The kernel files hold warp shuffles, so the
+    host would run all their kernels as fibers; only a launch with lanes > 1
+    runs one, the others are plain loops."""
     options = {}
     if lanes > 1:
         grid = min(-(-n // _kernels.BLOCK), getattr(backend, "grid", None) or _kernels.MAX_GRID)

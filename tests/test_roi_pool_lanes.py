@@ -118,6 +118,15 @@ def test_lanes_choice_and_bad_lanes(roi_data):
         ps_run(host, make_ps_case(PS, specials=False), PS, lanes=64)
 
 
+def test_launch_block_fits_the_kernels_launch_bounds():
+    """deform_roi_pool_backward_offset declares __launch_bounds__(256): every
+    launch of it (BLOCK threads, the warp-per-bin launch and the default)
+    must fit, and a whole number of warps."""
+    text = _kernels.source("deform_roi_pool")
+    assert "__launch_bounds__(256," in text
+    assert _kernels.BLOCK <= 256 and _kernels.BLOCK % _roi_pool.WARP == 0
+
+
 def test_users_host_path_runs_one_lane_as_a_plain_loop(roi_data, monkeypatch):
     """On the host the warp-per-bin kernels take one lane and every RoI
     kernel runs as a plain loop (no fibers)."""
