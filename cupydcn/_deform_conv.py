@@ -292,22 +292,30 @@ def forward(backend, geo, input, offset, weight, bias=None, mask=None):
     return out
 
 
-def _col2im_gather(backend, geo, bits, tile, grad_columns, offset, mask, grad_input):
-    """The deterministic input gradient of one tile (see deform_sample_keys)."""
+def sample_order(backend, geo, bits, tile, offset):
+    """The tile's samples sorted by pixel cell, for the gathering input
+    gradients: (``order``, ``starts``) with ``order`` the sample indices in key
+    order and ``starts[(bi*offset_groups + g)*cells + cell]`` the first entry
+    of each cell (see deform_sample_keys)."""
     xp = backend.xp
-    args = _geometry_args(geo, tile)
     n = tile.nb * geo.offset_groups * geo.kh * geo.kw * tile.nrows * geo.Wo
     keys = _config.empty(xp, (n,), numpy.int64)
-    backend.launch(_FILE, "deform_sample_keys", geo.dtype, bits, n, [offset, keys, *args])
+    backend.launch(_FILE, "deform_sample_keys", geo.dtype, bits, n,
+                   [offset, keys, *_geometry_args(geo, tile)])
     keys = xp.sort(keys)  # unique keys: any correct sort gives this order
-    order = keys % n
     cells = (geo.H + 1) * (geo.W + 1) + 1
     starts = xp.searchsorted(keys // n, xp.arange(tile.nb * geo.offset_groups * cells + 1,
                                                   dtype=numpy.int64))
+    return keys % n, xp.ascontiguousarray(starts)
+
+
+def _col2im_gather(backend, geo, bits, tile, grad_columns, offset, mask, grad_input):
+    """The deterministic input gradient of one tile (see deform_sample_keys)."""
+    order, starts = sample_order(backend, geo, bits, tile, offset)
     backend.launch(_FILE, "deform_col2im_gather", geo.dtype, bits,
                    tile.nb * geo.C * geo.H * geo.W,
-                   [grad_columns, offset, mask, order, xp.ascontiguousarray(starts), grad_input,
-                    *args])
+                   [grad_columns, offset, mask, order, starts, grad_input,
+                    *_geometry_args(geo, tile)])
 
 
 def _bias_gradient(xp, geo, grad_output):
