@@ -889,6 +889,46 @@ def test_scripted_modules_check_the_groups():
         wrong(x, offset, mask)
 
 
+def test_psroi_pool_modules_hold_float_parameters():
+    """spatial_scale and trans_std are held as floats (what TorchScript's
+    typed op takes), checked when the module is built."""
+    m = dcnv2.DCNv2Pooling(1, 3, 4, False, trans_std=0)
+    assert (m.spatial_scale, m.trans_std) == (1.0, 0.0)
+    assert type(m.spatial_scale) is float and type(m.trans_std) is float
+    with pytest.raises(TypeError, match="spatial_scale must be a real number, got '1'"):
+        dcnv2.DCNv2Pooling("1", 3, 4, False)
+    with pytest.raises(TypeError, match="trans_std must be a real number, got None"):
+        ct.DeformPSRoIPool(1.0, 3, 4, False, trans_std=None)
+
+
+@SCRIPT_DEPRECATED
+def test_functions_script_and_match_eager():
+    """mmcv's and DCNv2's functions compile with torch.jit.script, in a
+    module's forward as mmdetection's heads call them."""
+    x, offset, mask, weight, bias = conv_tensors()
+    geometry = ((1, 2), (1, 0), (2, 1))
+    tensors = (x, offset, mask, weight, bias)
+    v1 = torch.jit.script(mmcv.deform_conv2d)
+    assert_same(run(lambda: v1(x, offset, weight, *geometry, 2, 2), tensors),
+                run(lambda: mmcv.deform_conv2d(x, offset, weight, *geometry, 2, 2), tensors))
+    v2 = torch.jit.script(mmcv.modulated_deform_conv2d)
+    assert_same(run(lambda: v2(x, offset, mask, weight, bias, *geometry, 2, 2), tensors),
+                run(lambda: mmcv.modulated_deform_conv2d(x, offset, mask, weight, bias,
+                                                         *geometry, 2, 2), tensors))
+    with pytest.raises(torch.jit.Error, match="bias must be False"):
+        v1(x, offset, weight, *geometry, 2, 2, True)
+    x1, offset1, mask1, weight1, bias1 = conv_tensors(groups=1)
+    conv = torch.jit.script(dcnv2.dcn_v2_conv)
+    tensors = (x1, offset1, mask1, weight1, bias1)
+    assert_same(run(lambda: conv(*tensors, *geometry, 2), tensors),
+                run(lambda: dcnv2.dcn_v2_conv(*tensors, *geometry, 2), tensors))
+    xp, rois, trans = psroi_tensors(R=2, rows=3)
+    pool = torch.jit.script(dcnv2.dcn_v2_pooling)
+    torch.testing.assert_close(pool(xp, rois, trans, 1.0, 3, 4, False, 1, None, 2, 0.1),
+                               dcnv2.dcn_v2_pooling(xp, rois, trans, 1.0, 3, 4, False, 1, None,
+                                                    2, 0.1), **EXACT)
+
+
 @SCRIPT_DEPRECATED
 def test_scripted_detectron2_skips_norm_on_an_empty_batch():
     m = detectron2.DeformConv(4, 6, 3, padding=1, norm=torch.nn.BatchNorm2d(6),

@@ -127,14 +127,26 @@ def _grouped_conv(input: Tensor, offset: Tensor, mask: Optional[Tensor], weight:
     return _deform_conv2d(input, offset, weight, bias, stride, padding, dilation, mask)
 
 
+def _check_flags(bias, im2col_step):
+    """:func:`deform_conv2d`'s ``bias`` (a flag that must be False) and
+    ``im2col_step``, as Python sees them (their types included)."""
+    if bias is not False:
+        raise _validation.ArgumentError(f"bias must be False (mmcv's deform_conv2d takes no "
+                                        f"bias; cupydcn.torch.deform_conv2d does), got {bias!r}")
+    _check_im2col_step(im2col_step)
+
+
 def _check_im2col_step(im2col_step):
     # ignored (cupydcn chunks by bytes), but it must still be what mmcv takes
     _validation._int(im2col_step, "im2col_step", 1)
 
 
-def deform_conv2d(input, offset, weight, stride=1, padding=0, dilation=1, groups=1,
-                  deform_groups=1, bias=False, im2col_step=32):
-    """mmcv's ``deform_conv2d`` (DCNv1), mmcv's argument order.
+def deform_conv2d(input: Tensor, offset: Tensor, weight: Tensor,
+                  stride: BroadcastingList2[int] = 1, padding: BroadcastingList2[int] = 0,
+                  dilation: BroadcastingList2[int] = 1, groups: int = 1, deform_groups: int = 1,
+                  bias: bool = False, im2col_step: int = 32) -> Tensor:
+    """mmcv's ``deform_conv2d`` (DCNv1), mmcv's argument order. Scripts with
+    ``torch.jit.script``.
 
     Args:
         input: (B, C, H, W) tensor.
@@ -149,17 +161,22 @@ def deform_conv2d(input, offset, weight, stride=1, padding=0, dilation=1, groups
     Returns:
         (B, Cout, Ho, Wo) tensor, differentiable in input, offset and weight.
     """
-    if bias is not False:
-        raise _validation.ArgumentError(f"bias must be False (mmcv's deform_conv2d takes no "
-                                        f"bias; cupydcn.torch.deform_conv2d does), got {bias!r}")
-    _check_im2col_step(im2col_step)
+    if not torch.jit.is_scripting():
+        _check_flags(bias, im2col_step)
+    elif bias:
+        raise _validation.ArgumentError("bias must be False (mmcv's deform_conv2d takes no "
+                                        "bias; cupydcn.torch.deform_conv2d does), got True")
     return _grouped_conv(input, offset, None, weight, None, stride, padding, dilation, groups,
                          deform_groups)
 
 
-def modulated_deform_conv2d(input, offset, mask, weight, bias=None, stride=1, padding=0,
-                            dilation=1, groups=1, deform_groups=1):
+def modulated_deform_conv2d(input: Tensor, offset: Tensor, mask: Tensor, weight: Tensor,
+                            bias: Optional[Tensor] = None, stride: BroadcastingList2[int] = 1,
+                            padding: BroadcastingList2[int] = 0,
+                            dilation: BroadcastingList2[int] = 1, groups: int = 1,
+                            deform_groups: int = 1) -> Tensor:
     """mmcv's ``modulated_deform_conv2d`` (DCNv2), mmcv's argument order.
+    Scripts with ``torch.jit.script``.
 
     Args:
         input: (B, C, H, W) tensor.

@@ -356,14 +356,14 @@ class DeformPSRoIPool(nn.Module):
     def __init__(self, spatial_scale, pooled_size, output_dim, no_trans, group_size=1,
                  part_size=None, sample_per_part=4, trans_std=0.0):
         super().__init__()
-        self.spatial_scale = float(spatial_scale)
+        self.spatial_scale = _validation._real(spatial_scale, "spatial_scale")
         self.pooled_size = pooled_size
         self.output_dim = output_dim
         self.no_trans = no_trans
         self.group_size = group_size
         self.part_size = pooled_size if part_size is None else part_size
         self.sample_per_part = sample_per_part
-        self.trans_std = float(trans_std)
+        self.trans_std = _validation._real(trans_std, "trans_std")
         self.algorithm = None
 
     def forward(self, input: Tensor, rois: Tensor, offset: Optional[Tensor] = None) -> Tensor:
