@@ -16,6 +16,7 @@ keeps its state_dict keys) and traces with ``torch.fx``.
 import collections
 import inspect
 import io
+import pickle
 
 import pytest
 
@@ -759,8 +760,6 @@ def test_deform_conv2d_leaf_runs_as_the_layer():
     params = (x, offset, mask, net.block["dcn"].weight)
     assert_same(run(lambda: traced(x, offset, mask), params),
                 run(lambda: net(x, offset, mask), params))
-    import pickle
-
     torch.testing.assert_close(pickle.loads(pickle.dumps(traced))(x, offset, mask),
                                net(x, offset, mask), **EXACT)
 
