@@ -80,9 +80,11 @@ def lanes_for(backend, geo):
     return lanes
 
 
-def _host_options(backend, lanes):
-    # no shuffle runs (one lane, or the gather, which has none): a plain loop, no fibers
-    return {"cooperative": False} if getattr(backend, "name", None) == "host" and lanes else {}
+def _host_options(backend, plain):
+    """The launch options of a kernel of this file: on the host, ``plain``
+    (no shuffle runs: one lane, or the gather, which has none) runs the
+    threads as a plain loop, no fibers."""
+    return {"cooperative": False} if getattr(backend, "name", None) == "host" and plain else {}
 
 
 def _launch_fused(backend, geo, bits, tile, lanes, grad_columns, input, offset, mask, grad_input,
