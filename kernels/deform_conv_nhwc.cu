@@ -45,6 +45,23 @@ struct alignas(sizeof(T) * V) dcn_nhwc_vec {
   T v[V];
 };
 
+// Stores V values at dst (aligned to the vector): one 16-byte store on the
+// device when the vector is 16 bytes (the compiler splits a struct
+// assignment into per-member stores), a struct copy otherwise.
+template <typename T, int V>
+__device__ __forceinline__ void dcn_nhwc_store(T* dst, const dcn_nhwc_vec<T, V>& value) {
+#ifdef __CUDA_ARCH__
+  if constexpr (sizeof(value) == 16) {
+    unsigned int w[4];
+    memcpy(w, &value, 16);
+    asm volatile("st.global.v4.b32 [%0], {%1, %2, %3, %4};"
+                 :: "l"(dst), "r"(w[0]), "r"(w[1]), "r"(w[2]), "r"(w[3]) : "memory");
+    return;
+  }
+#endif
+  *reinterpret_cast<dcn_nhwc_vec<T, V>*>(dst) = value;
+}
+
 // The pixel t of a tile as (image, output row, output column).
 template <typename I>
 __device__ __forceinline__ void dcn_nhwc_pixel(I pix0, I t, I Ho, I Wo, I* b, I* oy, I* ox) {
@@ -104,7 +121,7 @@ __device__ __forceinline__ void dcn_im2col_nhwc(
     Vec out;
     for (int e = 0; e < V; ++e) out.v[e] = dcn_store<T>(value[e] * m);
     const I gw = c / Cg, cl = c - gw * Cg;
-    *reinterpret_cast<Vec*>(columns + t * taps * C + gw * taps * Cg + k * Cg + cl) = out;
+    dcn_nhwc_store(columns + t * taps * C + gw * taps * Cg + k * Cg + cl, out);
   }
 }
 
