@@ -270,7 +270,8 @@ def backward(backend, geo, grad_output, input, offset, weight, mask, wrt, lanes=
                 items = n_tile * geo.offset_groups * taps
                 threads = -(-items * lanes // WARP) * WARP
                 block = _kernels.BLOCK  # a multiple of the warp: every warp runs whole
-                grid = min(-(-threads // block), getattr(backend, "grid", None) or _kernels.MAX_GRID)
+                most = getattr(backend, "grid", None) or _kernels.MAX_GRID
+                grid = min(-(-threads // block), most)
                 options = {}
                 if getattr(backend, "name", None) == "host" and lanes == 1:
                     options["cooperative"] = False  # no shuffle runs: a plain loop

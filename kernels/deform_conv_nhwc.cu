@@ -226,7 +226,8 @@ __global__ void deform_col2im_nhwc(const typename dcn_acc<T>::type* __restrict__
           go[2 * k * gosc] = dcn_store<T>(sum_dy * m);
           go[(2 * k + 1) * gosc] = dcn_store<T>(sum_dx * m);
         }
-        if (grad_mask) grad_mask[b * gmsb + (g * taps + k) * gmsc + p * gmsp] = dcn_store<T>(sum_mask);
+        if (grad_mask)
+          grad_mask[b * gmsb + (g * taps + k) * gmsc + p * gmsp] = dcn_store<T>(sum_mask);
       }
     }
   }

@@ -97,23 +97,32 @@ def test_nhwc_every_dtype(host, dtype, vector):
     geo = _validation.check_deform_conv2d(typed["input"], typed["offset"], typed["weight"],
                                           mask=typed["mask"], **params)
     nhwc = numpy.ascontiguousarray(typed["input"].transpose(0, 2, 3, 1))
-    width = _conv_nhwc.vector_width(numpy, geo, nhwc, numpy.empty(64, dtype)[:8])
-    assert width == 16 // numpy.dtype(dtype).itemsize
+    if nhwc.ctypes.data % 16 == 0:  # NumPy's allocations are 16-byte aligned
+        width = _conv_nhwc.vector_width(numpy, geo, nhwc, _aligned(64, dtype))
+        assert width == 16 // numpy.dtype(dtype).itemsize
     out, grads = run_nhwc(host, typed, params, vector=None if vector == "auto" else 1)
     compare_all(out, grads, ref_out, ref_grads, dtype)
+
+
+def _aligned(n, dtype, shift=0):
+    """n elements of ``dtype`` starting ``shift`` elements past a 16-byte boundary."""
+    buffer = numpy.empty(n + 16, dtype)
+    start = (-buffer.ctypes.data % 16) // buffer.itemsize + shift
+    return buffer[start:start + n]
 
 
 def test_vector_width_falls_back_to_scalar():
     typed, _, params = make_case(VECTOR, numpy.float32)
     geo = _validation.check_deform_conv2d(typed["input"], typed["offset"], typed["weight"],
                                           mask=typed["mask"], **params)
-    nhwc = numpy.ascontiguousarray(typed["input"].transpose(0, 2, 3, 1))
-    columns = numpy.empty(64, numpy.float32)
-    aligned = columns[(-columns.ctypes.data % 16) // 4:]
-    assert _conv_nhwc.vector_width(numpy, geo, nhwc, aligned) in (1, 4)  # input alignment
-    assert _conv_nhwc.vector_width(numpy, geo, nhwc, aligned[1:]) == 1  # columns misaligned
-    assert _conv_nhwc.vector_width(numpy, geo._replace(groups=4), nhwc, aligned) == 1  # Cg 4
-    assert _conv_nhwc.vector_width(numpy, geo._replace(offset_groups=8), nhwc, aligned) == 1
+    nhwc = _aligned(typed["input"].size, numpy.float32).reshape(3, 7, 6, 16)
+    columns = _aligned(64, numpy.float32)
+    assert _conv_nhwc.vector_width(numpy, geo, nhwc, columns) == 4
+    misaligned = _aligned(typed["input"].size, numpy.float32, 1).reshape(3, 7, 6, 16)
+    assert _conv_nhwc.vector_width(numpy, geo, misaligned, columns) == 1
+    assert _conv_nhwc.vector_width(numpy, geo, nhwc, columns[1:]) == 1
+    assert _conv_nhwc.vector_width(numpy, geo._replace(groups=8), nhwc, columns) == 1  # Cg 2
+    assert _conv_nhwc.vector_width(numpy, geo._replace(offset_groups=8), nhwc, columns) == 1
 
 
 @pytest.mark.parametrize("lanes", (1, 8, 32))
@@ -129,7 +138,7 @@ def test_nhwc_lanes(host, case, lanes):
 
 
 @pytest.mark.parametrize("fmt", ("all-channels-last", "input-only"))
-@pytest.mark.parametrize("limit", [1, 700])
+@pytest.mark.parametrize("limit", [1, 9216])  # rows of one image; two images (2 x 4608 bytes)
 def test_nhwc_tiled_by_workspace(host, limit, fmt):
     """Rows of one image, and several images per tile (whose NCHW grad_output
     is multiplied one image at a time)."""
@@ -334,8 +343,9 @@ def test_torch_channels_last_runs_without_a_copy(host, monkeypatch):
         ref_out, ref_grads = reference_results({**exact, "bias": None}, params)
         assert rel_err(y.detach().numpy(), ref_out) <= 1e-5
         assert rel_err(x.grad.numpy(), ref_grads.input) <= 1e-5
+        plain = [t.detach() for t in (x, offset, weight, mask)]
         with FakeTensorMode() as mode:
-            fake = [mode.from_tensor(t) for t in (x.detach(), offset, weight, mask)]
+            fake = [mode.from_tensor(t) for t in plain]
             fy = torch.ops.cupydcn.deform_conv2d(fake[0], fake[1], fake[2], None,
                                                  list(params["stride"]), list(params["padding"]),
                                                  list(params["dilation"]), fake[3],
@@ -384,16 +394,15 @@ def test_tensorflow_nhwc_runs_without_a_transpose(host, monkeypatch):
 # ---------------------------------------------------------------- mutations
 
 MUTATIONS = {
-    "vector channel index": ("const I c = (index % vectors) * V;",
-                             "const I c = (index % vectors) * V + (V > 1);"),
+    "vector element": ("weights[corner] * dcn_load(v.v[e])", "weights[corner] * dcn_load(v.v[0])"),
     "corner pixel stride": ("image + (yy * W + xx) * C)", "image + (yy * W + xx) * (C - 1))"),
-    "columns group offset": ("gw * taps * Cg + k * Cg + cl", "gw * taps * Cg + k * C + cl"),
+    "columns without groups": ("gw * taps * Cg + k * Cg + cl", "k * C + gw * Cg + cl"),
     "offset channel stride": ("dcn_conv_position(offset + b * osb + g * 2 * taps * osc + p * osp, "
                               "osc, k, i, j, oy, ox,\n                      stride_h",
                               "dcn_conv_position(offset + b * osb + g * 2 * taps * osc + p * osp, "
                               "osp, k, i, j, oy, ox,\n                      stride_h"),
-    "scatter row stride": ("atomicAdd(grad_input + (corner00 + W * C + c), w10 * gm)",
-                           "atomicAdd(grad_input + (corner00 + W + c), w10 * gm)"),
+    "scatter corner weight": ("(corner00 + (W + 1) * C + c), w11 * gm)",
+                              "(corner00 + (W + 1) * C + c), w10 * gm)"),
     "reduction step removed": ("for (I s = lanes / 2; s > 0; s /= 2)",
                                "for (I s = lanes / 2; s > 1; s /= 2)"),
     "partial warp": ("const I threads = ((items * lanes + 31) / 32) * 32;",
@@ -402,6 +411,12 @@ MUTATIONS = {
     "mask on the mask gradient": ("dcn_store<T>(sum_mask);", "dcn_store<T>(sum_mask * m);"),
     "grad offset stride": ("go[(2 * k + 1) * gosc]", "go[(2 * k + 1) * gosp]"),
 }
+
+
+# 40 channels per offset group (5 rounds of 8 lanes), 20 per weight group
+# (16-byte vectors of 2 doubles), 3x3 taps on 3x3 output pixels: 81 items of 8
+# lanes, which do not fill whole warps. Every mutation stays inside the buffers.
+MUTATED = (1, 40, 5, 6, 6, 3, 3, 2, 1, (1, 2), (1, 1), (2, 1), True, False)
 
 
 @pytest.mark.parametrize("mutation", sorted(MUTATIONS))
@@ -413,9 +428,13 @@ def test_a_wrong_nhwc_kernel_fails(host, mutation):
     broken = _kernels.HostBackend(grid=host.grid, block=host.block, checks=True, workers=1,
                                   seed=host.seed,
                                   sources={"deform_conv_nhwc": text.replace(old, new)})
-    typed, exact, params = make_case(WIDE if "warp" in mutation or "lanes" in mutation
-                                     or "reduction" in mutation else VECTOR, numpy.float64)
+    typed, exact, params = make_case(MUTATED, numpy.float64)
     typed = formatted(typed, FORMATS["mixed"])
+    geo = _validation.check_deform_conv2d(typed["input"], typed["offset"], typed["weight"],
+                                          mask=typed["mask"], **params)
+    assert geo.Ho * geo.Wo * geo.kh * geo.kw * 8 % 32
+    assert _conv_nhwc.vector_width(numpy, geo, _aligned(64, numpy.float64),
+                                   _aligned(64, numpy.float64)) == 2
     ref_out, ref_grads = reference_results(exact, params)
     try:
         out, grads = run_nhwc(broken, typed, params, lanes=8)
