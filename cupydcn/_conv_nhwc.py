@@ -196,6 +196,8 @@ def forward(backend, geo, input, offset, weight, bias=None, mask=None, vector=No
     """out (B, Cout, Ho, Wo), channels-last, of deform_conv2d on ``backend``
     (validated arguments); ``vector`` overrides :func:`vector_width`."""
     xp = backend.xp
+    if geo.B * geo.Cout * geo.Ho * geo.Wo == 0 and not geo.channels_last:
+        return _arrays.empty_result(xp, (geo.B, geo.Cout, geo.Ho, geo.Wo), geo.dtype.dtype)
     out_nhwc = _arrays.empty_result(xp, (geo.B, geo.Ho, geo.Wo, geo.Cout), geo.dtype.dtype)
     out = out_nhwc.transpose(0, 3, 1, 2)
     if out.size == 0:
@@ -235,9 +237,12 @@ def backward(backend, geo, grad_output, input, offset, weight, mask, wrt, lanes=
             f"lanes must be a power of two from 1 to 32, got {lanes!r}")
     taps = geo.kh * geo.kw
     cg, kg = geo.Cout // geo.groups, geo.C // geo.groups * taps
-    grad_input_nhwc = (_arrays.zeros_result(xp, (geo.B, geo.H, geo.W, geo.C), acc,
-                                            result=acc == dtype)
-                       if "input" in wrt else None)
+    grad_input_nhwc = grad_input = None
+    if "input" in wrt and geo.B == 0 and not geo.channels_last:  # no work: an NCHW result
+        grad_input = _arrays.zeros_result(xp, input.shape, dtype)
+    elif "input" in wrt:
+        grad_input_nhwc = _arrays.zeros_result(xp, (geo.B, geo.H, geo.W, geo.C), acc,
+                                               result=acc == dtype)
     grad_offset = grad_mask = None
     grad_offset_view = grad_mask_view = None
     grad_offset_strides = grad_mask_strides = (0, 0, 0)
@@ -295,7 +300,6 @@ def backward(backend, geo, grad_output, input, offset, weight, mask, wrt, lanes=
         for g in (grad_offset, grad_mask):
             if g is not None:
                 g.fill(0)
-    grad_input = None
     if grad_input_nhwc is not None:
         grad_input = _arrays.result(xp, grad_input_nhwc, dtype).transpose(0, 3, 1, 2)
     grad_weight = None

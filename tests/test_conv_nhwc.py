@@ -355,6 +355,37 @@ def test_torch_channels_last_runs_without_a_copy(host, monkeypatch):
         cupydcn.set_cpu_backend(previous)
 
 
+@pytest.mark.parametrize("algorithm", (None, "im2col_nhwc"))
+@pytest.mark.parametrize("batch", (0, 3))
+@pytest.mark.parametrize("fmt", ("channels_last", "contiguous"))
+def test_torch_fake_strides_are_the_real_ones(fmt, batch, algorithm):
+    """The fake implementations (torch.compile's tracing) give each result the
+    strides the real op gives it, forward and backward, batch 0 included."""
+    torch = pytest.importorskip("torch")
+    import cupydcn.torch  # noqa: F401  (registers the ops)
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    typed, _, params = make_case((batch, *VECTOR[1:]), numpy.float32)
+    memory_format = getattr(torch, fmt + "_format" if fmt == "contiguous" else fmt)
+    x, offset, mask, grad = (torch.from_numpy(typed[k]).contiguous(memory_format=memory_format)
+                             for k in ("input", "offset", "mask", "grad_output"))
+    weight = torch.from_numpy(typed["weight"])
+    pairs = [list(params[k]) for k in ("stride", "padding", "dilation")]
+    wrt = [True, True, True, False, True]
+
+    def run(x, offset, weight, mask, grad):
+        y = torch.ops.cupydcn.deform_conv2d(x, offset, weight, None, *pairs, mask, algorithm)
+        grads = torch.ops.cupydcn.deform_conv2d_backward(grad, x, offset, weight, None, *pairs,
+                                                         mask, wrt, algorithm)
+        return [t.stride() for t in (y, *grads)]
+
+    real = run(x, offset, weight, mask, grad)
+    with FakeTensorMode() as mode:
+        fake = run(*(mode.from_tensor(t) for t in (x, offset, weight, mask, grad)))
+    assert fake == real
+    assert (real[0][1] == 1) == (fmt == "channels_last")
+
+
 def test_tensorflow_nhwc_runs_without_a_transpose(host, monkeypatch):
     """NHWC tensors reach the kernels as their own memory (no tf.transpose),
     and the result comes back NHWC with the reference's numbers."""
