@@ -79,6 +79,19 @@ def model(B, C, H, W, dtype, dg=1):
                                 + t(gcols + x + offmask, atomics=atomics / 2, samples=S)
                                 + t(gin) + t(x + offmask + cols, samples=S)
                                 + t(cols + out, gflop, rate, launches=B))
+    # ---- im2col_nhwc: the same passes on channels-last memory. im2col samples one
+    # position per (pixel, tap) for a 16-byte vector of channels (SAMPLES_NHWC), its GEMMs
+    # write the NHWC output in place; the fused backward's atomics from consecutive lanes
+    # land on consecutive addresses of one pixel (a warp's 32 adds hit 1-2 lines: assumed
+    # 4x cheaper than scattered ones); the weight gradient is one GEMM per group per tile
+    r["im2col_nhwc", "fwd"] = (t(x + offmask + cols, samples=S, sample_rate=SAMPLES_NHWC)
+                               + t(out) + t(cols + 2 * out, gflop, rate))
+    r["im2col_nhwc", "bwd"] = (t(out + gcols, gflop, rate)
+                               + t(gcols + x + offmask, atomics=atomics / 4, samples=S,
+                                   sample_rate=SAMPLES_NHWC)
+                               + t(gin) + t(x + offmask + cols, samples=S,
+                                            sample_rate=SAMPLES_NHWC)
+                               + t(cols + out, gflop, rate))
     # ---- implicit GEMM forward: the samples made in shared memory per tile of 128
     # output channels (re-sampled per Cout tile), overlapped with the MMAs
     tiles = math.ceil(Cout / 128)
@@ -105,9 +118,10 @@ def main():
         print(f"\n{dtype}\n")
         print("| case | GFLOP fwd | before fwd / f+b | im2col fwd / f+b | tv fwd x | tv f+b x "
               "| + im2col_fused f+b (tv x) | implicit_gemm fwd / f+b (tv f+b x) "
-              "| implicit NHWC fwd (cuDNN fwd ratio) |")
-        print("|---|---|---|---|---|---|---|---|---|")
-        logs = {k: [] for k in ("tvf", "tvfb", "fused", "ig", "nhwc")}
+              "| implicit NHWC fwd (cuDNN fwd ratio) "
+              "| im2col_nhwc fwd / f+b (cuDNN fwd ratio; tv f+b x) |")
+        print("|---|---|---|---|---|---|---|---|---|---|")
+        logs = {k: [] for k in ("tvf", "tvfb", "fused", "ig", "nhwc", "cl_fwd", "cl_fb")}
         for (B, C, H, W), anchor in ANCHORS.items():
             r, gflop = model(B, C, H, W, dtype)
             tv_fwd, tv_fb32, cudnn_fb32, tv_fb16, cudnn_fb16 = (a / 1e3 for a in anchor)
@@ -118,18 +132,21 @@ def main():
             fused = r["im2col", "fwd"] + r["im2col_fused", "bwd"]
             ig = (r["implicit_gemm", "fwd"], r["implicit_gemm", "fwd"] + r["implicit_gemm", "bwd"])
             nhwc = r["implicit_gemm NHWC", "fwd"]
+            cl = (r["im2col_nhwc", "fwd"], r["im2col_nhwc", "fwd"] + r["im2col_nhwc", "bwd"])
             ratios = dict(tvf=tv_fwd / new[0], tvfb=tv_fb / new[1], fused=tv_fb / fused,
-                          ig=tv_fb / ig[1], nhwc=nhwc / cudnn_fwd)
+                          ig=tv_fb / ig[1], nhwc=nhwc / cudnn_fwd, cl_fwd=cl[0] / cudnn_fwd,
+                          cl_fb=tv_fb / cl[1])
             for k, v in ratios.items():
                 logs[k].append(math.log(v))
             ms = lambda v: f"{v * 1e3:.2f}"  # noqa: E731
             print(f"| B{B} C{C} {H}x{W} | {gflop / 1e9:.1f} | {ms(before[0])} / {ms(before[1])} "
                   f"| {ms(new[0])} / {ms(new[1])} | {ratios['tvf']:.1f} | {ratios['tvfb']:.1f} "
                   f"| {ms(fused)} ({ratios['fused']:.1f}) | {ms(ig[0])} / {ms(ig[1])} "
-                  f"({ratios['ig']:.1f}) | {ms(nhwc)} ({ratios['nhwc']:.2f}) |")
+                  f"({ratios['ig']:.1f}) | {ms(nhwc)} ({ratios['nhwc']:.2f}) "
+                  f"| {ms(cl[0])} / {ms(cl[1])} ({ratios['cl_fwd']:.2f}; {ratios['cl_fb']:.1f}) |")
         g = {k: math.exp(sum(v) / len(v)) for k, v in logs.items()}
         print(f"| geometric mean | | | | {g['tvf']:.1f} | {g['tvfb']:.1f} | ({g['fused']:.1f}) "
-              f"| ({g['ig']:.1f}) | ({g['nhwc']:.2f}) |")
+              f"| ({g['ig']:.1f}) | ({g['nhwc']:.2f}) | ({g['cl_fwd']:.2f}; {g['cl_fb']:.1f}) |")
 
 
 if __name__ == "__main__":

@@ -29,6 +29,11 @@ def _cupy():
     return cupy
 
 
+def array_module(x):
+    """numpy or cupy, whichever ``x`` (a NumPy or CuPy array) belongs to."""
+    return _cupy() if _is_cupy(x) else numpy
+
+
 def _is_cupy(x):
     return type(x).__module__.split(".")[0] == "cupy" and hasattr(x, "device")
 

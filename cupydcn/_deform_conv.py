@@ -90,7 +90,7 @@ def deform_conv2d(input, offset, weight, bias=None, stride=1, padding=0, dilatio
     with call.device():
         implementation, backend = _dispatch.choose(_OP, call.on_gpu, geo, algorithm,
                                                    empty=_is_empty(geo))
-        out = implementation.forward(backend, geo, call)
+        out = memory_format(implementation.forward(backend, geo, call), geo.channels_last)
     return call.wrap(out)
 
 
@@ -137,7 +137,33 @@ def deform_conv2d_backward(grad_output, input, offset, weight, bias=None, stride
         implementation, backend = _dispatch.choose(_OP, call.on_gpu, geo, algorithm,
                                                    deterministic, empty=_is_empty(geo))
         grads = implementation.backward(backend, geo, call, wrt)
+        grads = DeformConv2dGrads(*(
+            None if g is None else memory_format(g, _validation.is_channels_last(getattr(call, n)))
+            for n, g in zip(GRADIENTS, grads)))
     return call.wrap(grads)
+
+
+def memory_format(array, channels_last):
+    """``array`` (a result) in the memory format asked for: channels-last
+    (``_validation.is_channels_last``) or C-contiguous, converted into a new
+    result buffer only when it is not already. deform_conv2d's result has its
+    input's memory format and each gradient its own array's, whichever
+    implementation ran (torch's rule for ``channels_last`` tensors)."""
+    if array.ndim != 4 or array.size == 0:
+        return array
+    if channels_last:
+        if _validation.is_channels_last(array):
+            return array
+        xp = _arrays.array_module(array)
+        B, C, H, W = array.shape
+        out = _arrays.empty_result(xp, (B, H, W, C), array.dtype)
+        out[...] = array.transpose(0, 2, 3, 1)
+        return out.transpose(0, 3, 1, 2)
+    if array.flags.c_contiguous:
+        return array
+    out = _arrays.empty_result(_arrays.array_module(array), array.shape, array.dtype)
+    out[...] = array
+    return out
 
 
 def _is_empty(geo):
@@ -292,22 +318,30 @@ def forward(backend, geo, input, offset, weight, bias=None, mask=None):
     return out
 
 
-def _col2im_gather(backend, geo, bits, tile, grad_columns, offset, mask, grad_input):
-    """The deterministic input gradient of one tile (see deform_sample_keys)."""
+def sample_order(backend, geo, bits, tile, offset):
+    """The tile's samples sorted by pixel cell, for the gathering input
+    gradients: (``order``, ``starts``) with ``order`` the sample indices in key
+    order and ``starts[(bi*offset_groups + g)*cells + cell]`` the first entry
+    of each cell (see deform_sample_keys)."""
     xp = backend.xp
-    args = _geometry_args(geo, tile)
     n = tile.nb * geo.offset_groups * geo.kh * geo.kw * tile.nrows * geo.Wo
     keys = _config.empty(xp, (n,), numpy.int64)
-    backend.launch(_FILE, "deform_sample_keys", geo.dtype, bits, n, [offset, keys, *args])
+    backend.launch(_FILE, "deform_sample_keys", geo.dtype, bits, n,
+                   [offset, keys, *_geometry_args(geo, tile)])
     keys = xp.sort(keys)  # unique keys: any correct sort gives this order
-    order = keys % n
     cells = (geo.H + 1) * (geo.W + 1) + 1
     starts = xp.searchsorted(keys // n, xp.arange(tile.nb * geo.offset_groups * cells + 1,
                                                   dtype=numpy.int64))
+    return keys % n, xp.ascontiguousarray(starts)
+
+
+def _col2im_gather(backend, geo, bits, tile, grad_columns, offset, mask, grad_input):
+    """The deterministic input gradient of one tile (see deform_sample_keys)."""
+    order, starts = sample_order(backend, geo, bits, tile, offset)
     backend.launch(_FILE, "deform_col2im_gather", geo.dtype, bits,
                    tile.nb * geo.C * geo.H * geo.W,
-                   [grad_columns, offset, mask, order, xp.ascontiguousarray(starts), grad_input,
-                    *args])
+                   [grad_columns, offset, mask, order, starts, grad_input,
+                    *_geometry_args(geo, tile)])
 
 
 def _bias_gradient(xp, geo, grad_output):
@@ -451,3 +485,4 @@ _dispatch.register(_dispatch.Implementation(
 # Further implementations register themselves (one module each).
 from cupydcn import _conv_implicit_gemm  # noqa: E402,F401  (registers "implicit_gemm")
 from cupydcn import _conv_fused  # noqa: E402,F401  (registers "im2col_fused")
+from cupydcn import _conv_nhwc  # noqa: E402,F401  (registers "im2col_nhwc")

@@ -103,12 +103,15 @@ def to_tf32(x):
 
 def _host_gemm(a, b, c, accumulate):
     acc = numpy.float64 if a.dtype == numpy.float64 else numpy.float32
-    a, b = a.astype(acc), b.astype(acc)
     if acc == numpy.float32 and a.dtype == numpy.float32 and _config.get_tf32():
         a, b = to_tf32(a), to_tf32(b)
+    a, b = a.astype(acc, copy=False), b.astype(acc, copy=False)  # the half types upcast
+    if c.dtype == acc and not accumulate:
+        numpy.matmul(a, b, out=c)
+        return
     result = numpy.matmul(a, b)
     if accumulate:
-        result += c.astype(acc)
+        result += c
     c[...] = result
 
 

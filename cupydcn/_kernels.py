@@ -43,7 +43,8 @@ from cupydcn import _dtypes
 KERNELS = {
     "deform_conv": ("deform_im2col", "deform_col2im", "deform_col2im_coord",
                     "deform_sample_keys", "deform_col2im_gather"),
-    "deform_conv_fused": ("deform_col2im_fused",),
+    "deform_conv_fused": ("deform_col2im_fused", "deform_col2im_fused_gather"),
+    "deform_conv_nhwc": ("deform_im2col_nhwc", "deform_col2im_nhwc"),
     "deform_roi_pool": ("deform_roi_pool_forward", "deform_roi_pool_backward_input",
                         "deform_roi_pool_backward_offset", "deform_roi_pool_sample_count",
                         "deform_roi_pool_sample_keys", "deform_roi_pool_backward_input_gather"),

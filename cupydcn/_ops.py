@@ -53,7 +53,10 @@ class OpSpec(NamedTuple):
     the outputs in the accumulation dtype (the others are in the input's);
     the forward returns its outputs after the first when called with
     ``return_<name>=True`` (``return_count``); ``reads_values``: ``check``
-    reads array values (``rois[:, 0]``), which ``check_batch=False`` skips.
+    reads array values (``rois[:, 0]``), which ``check_batch=False`` skips;
+    ``keeps_memory_format``: the output has the first array's memory format
+    (channels-last or NCHW, ``_validation.is_channels_last``) and each
+    gradient its array's (else every result is C-contiguous).
     """
     name: str
     args: Tuple[Arg, ...]
@@ -71,6 +74,7 @@ class OpSpec(NamedTuple):
     output_layouts: Tuple[str, ...] = ()
     acc_outputs: Tuple[str, ...] = ()
     reads_values: bool = False
+    keeps_memory_format: bool = False
 
     @property
     def arrays(self):
@@ -215,6 +219,7 @@ DEFORM_CONV2D = OpSpec(
     reference_forward=reference.deform_conv2d,
     reference_backward=reference.deform_conv2d_backward,
     output_layouts=("(B, Cout, Ho, Wo)",),
+    keeps_memory_format=True,
 )
 
 DEFORM_ROI_POOL = OpSpec(

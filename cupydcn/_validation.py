@@ -150,6 +150,48 @@ def check_dtype_matches(reference, name, x, x_name):
     return row
 
 
+def element_strides(x):
+    """``x``'s strides in elements (NumPy/CuPy ``.strides`` are in bytes,
+    torch's ``.stride()`` in elements), or None for an array without strides
+    (a TensorFlow tensor: always dense, row-major)."""
+    stride = getattr(x, "stride", None)
+    if callable(stride):  # torch (fake tensors included)
+        return tuple(int(s) for s in stride())
+    strides = getattr(x, "strides", None)
+    if strides is None:
+        return None
+    itemsize = numpy.dtype(x.dtype).itemsize
+    return tuple(int(s) // itemsize for s in strides)
+
+
+def _dense_strides(shape, order):
+    """Element strides of a dense array of ``shape`` laid out with its axes
+    in ``order`` (slowest first)."""
+    strides, step = [0] * len(shape), 1
+    for axis in reversed(order):
+        strides[axis] = step
+        step *= max(shape[axis], 1)
+    return tuple(strides)
+
+
+def _strides_match(shape, strides, expected):
+    return all(n <= 1 or s == e for n, s, e in zip(shape, strides, expected))
+
+
+def is_channels_last(x):
+    """True when 4-D ``x`` (B, C, H, W) is channels-last and not also
+    NCHW-contiguous: dense with C the fastest axis, what
+    ``x_nhwc.transpose(0, 3, 1, 2)`` is in NumPy/CuPy and a torch
+    ``channels_last`` tensor is (strides of axes of size 1 do not count, so an
+    array that is both, e.g. with C = 1, counts as NCHW)."""
+    shape = shape_of(x)
+    strides = element_strides(x)
+    if len(shape) != 4 or strides is None:
+        return False
+    return (_strides_match(shape, strides, _dense_strides(shape, (0, 2, 3, 1)))
+            and not _strides_match(shape, strides, _dense_strides(shape, (0, 1, 2, 3))))
+
+
 class ConvGeometry(NamedTuple):
     B: int
     C: int
@@ -166,6 +208,10 @@ class ConvGeometry(NamedTuple):
     padding: tuple
     dilation: tuple
     dtype: _dtypes.DType
+    # The input's memory format: channels-last (see is_channels_last) or not.
+    # The result of deform_conv2d has the input's memory format, each
+    # gradient its own array's (cupydcn._deform_conv.memory_formats).
+    channels_last: bool = False
 
 
 def check_deform_conv2d(input, offset, weight, bias=None, stride=1, padding=0, dilation=1,
@@ -234,7 +280,7 @@ def check_deform_conv2d(input, offset, weight, bias=None, stride=1, padding=0, d
         if other is not None:
             check_dtype_matches(input, "input", other, other_name)
     return ConvGeometry(B, C, H, W, Cout, kh, kw, groups, offset_groups, Ho, Wo, stride, padding,
-                        dilation, dtype)
+                        dilation, dtype, is_channels_last(input))
 
 
 # --------------------------------------------------------------------------

@@ -19,8 +19,11 @@ The layers run on the Keras "jax" backend (through ``cupydcn.jax``), the
 backend (``cupydcn.set_cpu_backend``) for CPU tensors. Other backends raise
 ValueError. Each layer takes ``algorithm=None`` (the automatic choice) or the
 name of one of ``cupydcn.algorithms(op)``, saved in its config. The numbers are
-those of docs/semantics.md (torchvision, mmcv); the deformable kernels run NCHW, so
-channels_last tensors are transposed around them. On the jax backend the
+those of docs/semantics.md (torchvision, mmcv). channels_last convolutions
+reach the kernels without a copy: on tensorflow as NHWC tensors (the bridge
+hands the core channels-last views, which ``im2col_nhwc`` reads in place on
+the GPU), on torch through ``ops.transpose`` (a view: a channels_last tensor);
+on jax the transposes are XLA's, and the RoI pooling's kernels are NCHW. On the jax backend the
 layers are jit-compiled with the rest of the model (the ops are XLA buffer
 callbacks); on torch and tensorflow they cannot be compiled
 (``supports_jit = False``; Keras's ``jit_compile="auto"`` then leaves XLA off).
@@ -81,10 +84,11 @@ def _supports_jit():
     return keras.backend.backend() == "jax"
 
 
-def _bridge_kwargs(backend, algorithm):
-    """The bridge's keywords besides the op's: NCHW for the TensorFlow bridge
-    (its default is channels_last), and ``algorithm`` when one was chosen."""
-    kwargs = {"data_format": "channels_first"} if backend == "tensorflow" else {}
+def _bridge_kwargs(backend, algorithm, data_format="channels_first"):
+    """The bridge's keywords besides the op's: the TensorFlow bridge's
+    ``data_format`` (the layout the layer hands it), and ``algorithm`` when
+    one was chosen."""
+    kwargs = {"data_format": data_format} if backend == "tensorflow" else {}
     if algorithm is not None:
         kwargs["algorithm"] = algorithm
     return kwargs
@@ -247,22 +251,33 @@ class _DeformConv2DBase(keras.layers.Layer):
             padded = ops.pad(inputs, widths)
         branch = ops.conv(padded, self.offset_kernel, strides=self.strides, padding="valid",
                           data_format=self.data_format, dilation_rate=self.dilation_rate)
-        branch = _to_nchw(ops.add(branch, ops.reshape(self.offset_bias, self._bias_shape())),
-                          self.data_format)
+        branch = ops.add(branch, ops.reshape(self.offset_bias, self._bias_shape()))
+        # The TensorFlow bridge takes channels_last tensors as they are (its
+        # kernels read NHWC memory); the others take NCHW (on torch the
+        # transposes are views: a channels_last tensor for the core).
+        layout = self.data_format if backend == "tensorflow" else "channels_first"
+        if layout != self.data_format:
+            branch = _to_nchw(branch, self.data_format)
         n_offset = 2 * self.deform_groups * self.kernel_size[0] * self.kernel_size[1]
-        offset = branch[:, :n_offset]
-        mask = ops.sigmoid(branch[:, n_offset:]) if self._modulated else None
+        if layout == "channels_last":
+            offset = branch[..., :n_offset]
+            mask = ops.sigmoid(branch[..., n_offset:]) if self._modulated else None
+        else:
+            offset = branch[:, :n_offset]
+            mask = ops.sigmoid(branch[:, n_offset:]) if self._modulated else None
         if top == bottom and left == right:
             x, padding = inputs, (top, left)  # the kernels pad symmetrically themselves
         else:
             x, padding = padded, (0, 0)  # zero padding = the kernels' zero outside the image
         weight = ops.transpose(self.kernel, (3, 2, 0, 1))  # -> (filters, C/groups, kh, kw)
         bias = None if self.bias is None else ops.convert_to_tensor(self.bias)
-        out = bridge.deform_conv2d(_to_nchw(x, self.data_format), offset, weight, bias,
-                                   stride=self.strides, padding=padding,
-                                   dilation=self.dilation_rate, mask=mask,
-                                   **_bridge_kwargs(backend, self.algorithm))
-        out = _from_nchw(out, self.data_format)
+        if layout != self.data_format:
+            x = _to_nchw(x, self.data_format)
+        out = bridge.deform_conv2d(x, offset, weight, bias, stride=self.strides,
+                                   padding=padding, dilation=self.dilation_rate, mask=mask,
+                                   **_bridge_kwargs(backend, self.algorithm, layout))
+        if layout != self.data_format:
+            out = _from_nchw(out, self.data_format)
         return self.activation(out) if self.activation is not None else out
 
     def _bias_shape(self):

@@ -23,8 +23,13 @@ arguments, then ``data_format`` and ``algorithm`` (None, or a name from
   ``tf.py_function``; such graphs cannot be XLA-compiled.
 
 Layouts: ``data_format="channels_last"`` (the default, TensorFlow's NHWC) or
-``"channels_first"`` (NCHW). The kernels are NCHW, so channels_last arrays are
-transposed around the core call. Weights are always in torchvision's layout
+``"channels_first"`` (NCHW). The core takes NCHW *shapes*: a channels_last
+tensor crosses as its NHWC memory and is handed over as a transposed view (a
+channels-last array, no copy), and the results come back through the inverse
+view. deform_conv2d keeps its input's memory format (on the GPU the automatic
+choice runs ``im2col_nhwc``, which reads and writes NHWC memory: no transpose
+anywhere); the RoI poolings' kernels are NCHW and copy to and from that layout
+inside the core, as a transpose here would. Weights are always in torchvision's layout
 ``(Cout, C/groups, kh, kw)``, whatever the data format (``cupydcn.keras``
 converts Keras's ``(kh, kw, C/groups, Cout)`` kernels). Numbers, offset
 channel order and gradients are those of docs/semantics.md; validation messages are
@@ -220,13 +225,20 @@ def _channels_last_layout(layout):
     return f"({', '.join([first, *spatial, channels])})"
 
 
-def _nchw(x, name, layout):
-    """A channels_last 4-D tensor transposed to NCHW (rank checked first)."""
-    if x is None:
-        return None
-    if x.shape.is_fully_defined():  # else tf.transpose checks a known rank
-        _validation.check_rank(x, name, layout)
-    return tf.transpose(x, _TO_NCHW)
+def _check_nhwc_rank(x, name, layout):
+    """A channels_last tensor must be 4-D (checked where the rank is known)."""
+    if x is not None and x.shape.rank is not None:
+        known = tuple(-1 if d is None else d for d in x.shape.as_list())  # -1: unknown
+        _validation.check_rank(_Spec(known, None), name, layout)
+
+
+def _as_nchw(shape):
+    """An NHWC shape (a tuple, None entries allowed; None) in NCHW order."""
+    return None if shape is None else tuple(shape[i] for i in _TO_NCHW)
+
+
+def _as_nhwc(shape):
+    return None if shape is None else tuple(shape[i] for i in _TO_NHWC)
 
 
 def _fully_defined(tensors):
@@ -240,26 +252,39 @@ class _Spec(NamedTuple):
     dtype: numpy.dtype
 
 
-def _spec(t):
+def _spec(t, nhwc=False):
+    """``t``'s _Spec; with ``nhwc`` in NCHW terms (the core's view of it)."""
     if t is None:
         return None
-    return _Spec(tuple(t.shape.as_list()), numpy.dtype(t.dtype.as_numpy_dtype))
+    shape = tuple(t.shape.as_list())
+    return _Spec(_as_nchw(shape) if nhwc else shape, numpy.dtype(t.dtype.as_numpy_dtype))
 
 
-def _static_check(spec, channels_last, tensors, params):
+def _static_check(spec, nhwc, tensors, params):
     """The core's validation where the shapes are known (always in eager mode),
-    so that errors surface at the call; in NCHW terms for channels_last."""
+    so that errors surface at the call; in NCHW terms for the channels_last
+    tensors (the names in ``nhwc``)."""
     try:
-        return spec.check_shapes(**{n: _spec(t) for n, t in tensors.items()}, **params)
+        return spec.check_shapes(**{n: _spec(t, n in nhwc) for n, t in tensors.items()},
+                                 **params)
     except (TypeError, ValueError) as error:
-        if channels_last:
-            raise type(error)(f"{error} (shapes in NCHW terms: the channels_last arrays "
-                              "are transposed to NCHW for the kernels)") from error
+        if nhwc:
+            raise type(error)(f"{error} (shapes in NCHW terms: the core views the "
+                              "channels_last arrays as NCHW)") from error
         raise
 
 
-def _shape(t):
-    return None if t is None else (None if t.shape.rank is None else tuple(t.shape.as_list()))
+def _shape(t, nhwc=False):
+    if t is None or t.shape.rank is None:
+        return None
+    shape = tuple(t.shape.as_list())
+    return _as_nchw(shape) if nhwc else shape
+
+
+def _views(arrays, names, order):
+    """``arrays`` by name with those in ``names`` transposed to ``order`` (a view)."""
+    return {n: a.transpose(order) if n in names and a is not None else a
+            for n, a in arrays.items()}
 
 
 # --------------------------------------------------------------------------
@@ -301,14 +326,18 @@ def _call(spec, args, kwargs):
     tensors = _tensors({n: bound[n] for n in spec.arrays if by_name[n].kind == _ops.ARRAY},
                        {n: bound[n] for n in spec.arrays if by_name[n].kind != _ops.ARRAY})
     tensors = {n: tensors[n] for n in spec.arrays}  # the op's order
-    if channels_last:
-        for name, t in tensors.items():
-            if by_name[name].spatial:
-                tensors[name] = _nchw(t, name, _channels_last_layout(by_name[name].layout))
+    # channels_last: the spatial tensors cross as their NHWC memory; the core
+    # sees transposed views (channels-last arrays) and returns its results
+    # through the inverse views: no transpose of the data here.
+    nhwc = ({n for n in tensors if by_name[n].spatial and tensors[n] is not None}
+            if channels_last else set())
+    for name in nhwc:
+        _check_nhwc_rank(tensors[name], name, _channels_last_layout(by_name[name].layout))
     if _fully_defined(tensors.values()):
-        shapes = spec.output_shapes(_static_check(spec, channels_last, tensors, params))
+        shapes = spec.output_shapes(_static_check(spec, nhwc, tensors, params))
     else:
-        shapes = spec.static_output_shapes({n: _shape(t) for n, t in tensors.items()}, params)
+        shapes = spec.static_output_shapes({n: _shape(t, n in nhwc) for n, t in tensors.items()},
+                                           params)
     first = tensors[spec.arrays[0]]
     dtypes = {name: first.dtype for name in spec.outputs}
     if spec.acc_outputs:
@@ -316,21 +345,28 @@ def _call(spec, args, kwargs):
         dtypes.update({name: acc for name in spec.acc_outputs})
     every_output = {f"return_{name}": True for name in spec.outputs[1:]}
     taken = {a.name for a in spec.backward_args}  # the saved outputs the backward takes
+    output = spec.outputs[0]
+    if channels_last:
+        shapes = dict(shapes, **{output: _as_nhwc(shapes[output])})
 
     def forward(**arrays):
-        out = spec.forward(**arrays, **params, **every_output, algorithm=algorithm)
-        return out if isinstance(out, tuple) else (out,)
+        out = spec.forward(**_views(arrays, nhwc, _TO_NCHW), **params, **every_output,
+                           algorithm=algorithm)
+        out = out if isinstance(out, tuple) else (out,)
+        return (out[0].transpose(_TO_NHWC) if channels_last else out[0],) + out[1:]
 
     def backward(grad_output, *saved, **arrays):
         saved = {n: a for n, a in zip(spec.outputs[1:], saved) if n in taken}
-        grads = spec.backward(grad_output, **arrays, **params, **saved, algorithm=algorithm)
-        return grads._asdict()
+        if channels_last:
+            grad_output = grad_output.transpose(_TO_NCHW)
+        grads = spec.backward(grad_output, **_views(arrays, nhwc, _TO_NCHW), **params, **saved,
+                              algorithm=algorithm)
+        return _views(grads._asdict(), nhwc, _TO_NHWC)
 
-    out = _differentiable(
+    return _differentiable(
         forward, backward, list(tensors), list(tensors.values()),
         [(dtypes[name], tf.TensorShape(shapes[name])) for name in spec.outputs],
         constant=[n for n in spec.arrays if n not in spec.gradients])
-    return tf.transpose(out, _TO_NHWC) if channels_last else out
 
 
 def _signature(spec):

@@ -23,8 +23,8 @@
 // __shfl_xor_sync (log2(lanes) butterfly steps; every lane ends with the
 // total) and lane 0 writes grad_offset (dy, dx) times the mask and grad_mask
 // once, without atomics. With ``columns`` (not null) the same pass also
-// writes mask * bilinear sample (deform_im2col's value, bit for bit) at the
-// columns gradient's index: the weight gradient's columns, with no second
+// writes mask * bilinear sample in the storage type (deform_im2col's value,
+// bit for bit) at the columns gradient's index: the weight gradient's columns, with no second
 // im2col pass (grad_columns is null when only those are asked for).
 // Lanes of one warp take different channels, i.e.
 // different planes, so they never add to the same address in one step: there
@@ -35,7 +35,9 @@
 // iterations and reaches every shuffle with the full mask; a lane past the
 // last item contributes zeros and writes nothing. With lanes = 1 (the host
 // path: there a warp's lanes are fibers and a shuffle is a switch) there are
-// no shuffles and the kernel runs as a plain loop.
+// no shuffles and the kernel runs as a plain loop. With grad_input null
+// (the deterministic variant) nothing is scattered: deform_col2im_fused_gather
+// below gathers the input gradient instead.
 
 template <typename T, typename I>
 __global__ void deform_col2im_fused(const typename dcn_acc<T>::type* __restrict__ grad_columns,
@@ -43,7 +45,7 @@ __global__ void deform_col2im_fused(const typename dcn_acc<T>::type* __restrict_
                                     const T* __restrict__ mask,
                                     typename dcn_acc<T>::type* __restrict__ grad_input,
                                     T* __restrict__ grad_offset, T* __restrict__ grad_mask,
-                                    typename dcn_acc<T>::type* __restrict__ columns,
+                                    T* __restrict__ columns,
                                     I groups, I lanes,
                                     I C, I H, I W, I kh, I kw, I stride_h, I stride_w, I pad_h,
                                     I pad_w, I dil_h, I dil_w, I Ho, I Wo, I offset_groups,
@@ -99,7 +101,7 @@ __global__ void deform_col2im_fused(const typename dcn_acc<T>::type* __restrict_
           const I index = ((bi * groups + gw) * P + p) * Kg + cl * taps + k;
           for (cl += lanes; cl >= channels_per_weight_group; ++gw) cl -= channels_per_weight_group;
           if (!touch) {  // outside: only the columns, a zero sample times the mask
-            columns[index] = (A)0 * m;
+            columns[index] = dcn_store<T>((A)0 * m);
             continue;
           }
           const A grad = grad_columns ? grad_columns[index] : (A)0;  // null: columns only
@@ -114,7 +116,7 @@ __global__ void deform_col2im_fused(const typename dcn_acc<T>::type* __restrict_
             sum_dy += grad * (hx * (v10 - v00) + lx * (v11 - v01));
             sum_dx += grad * (hy * (v01 - v00) + ly * (v11 - v10));
             sum_mask += grad * value;
-            if (columns) columns[index] = value * m;
+            if (columns) columns[index] = dcn_store<T>(value * m);
           }
           if (grad_input && inside) {
             const A gm = grad * m;
@@ -139,6 +141,96 @@ __global__ void deform_col2im_fused(const typename dcn_acc<T>::type* __restrict_
           }
           if (grad_mask) grad_mask[mask_base + k * pixels] = dcn_store<T>(sum_mask);
         }
+      }
+    }
+  }
+}
+
+// deform_col2im_fused_gather: the deterministic input gradient from the
+// columns gradient in the fused layout above, with no atomics. One item per
+// (bi, offset group g, input pixel yy, xx) of the tile's images; `lanes`
+// consecutive threads share an item and take the group's channels
+// cg = lane + j*lanes (j < DCN_GATHER_CHANNELS) of each chunk of
+// lanes*DCN_GATHER_CHANNELS channels. For each chunk, the item visits the
+// four cells having (yy, xx) as a corner and, in each, the samples of its
+// offset group in key order (``order``/``starts`` from deform_sample_keys, as
+// deform_col2im_gather has them); per sample the position, the corner weight
+// and the mask are computed once and multiply every channel of the chunk,
+// summed in registers; the sums are added to grad_input once per chunk. Every
+// element of grad_input belongs to one thread and every sum has a fixed
+// order, so the result is bit-identical from run to run. The lanes never
+// exchange values: no shuffles, so the host runs it as a plain loop whatever
+// `lanes` is.
+#define DCN_GATHER_CHANNELS 8
+
+template <typename T, typename I>
+__global__ void deform_col2im_fused_gather(
+    const typename dcn_acc<T>::type* __restrict__ grad_columns, const T* __restrict__ offset,
+    const T* __restrict__ mask, const long long* __restrict__ order,
+    const long long* __restrict__ starts, typename dcn_acc<T>::type* __restrict__ grad_input,
+    I groups, I lanes, I C, I H, I W, I kh, I kw, I stride_h, I stride_w, I pad_h, I pad_w,
+    I dil_h, I dil_w, I Ho, I Wo, I offset_groups, I b0, I nb, I oy0, I nrows) {
+  typedef typename dcn_acc<T>::type A;
+  const I taps = kh * kw;
+  const I P = nrows * Wo;
+  const I pixels = Ho * Wo;
+  const I channels_per_group = C / offset_groups;
+  const I channels_per_weight_group = C / groups;
+  const I Kg = channels_per_weight_group * taps;
+  const I items = nb * offset_groups * H * W;
+  const long long cells = (long long)(H + 1) * (W + 1) + 1;
+  DCN_KERNEL_LOOP(t, I, items * lanes) {
+    const I item = t / lanes;
+    const I lane = t % lanes;
+    const I xx = item % W;
+    const I yy = (item / W) % H;
+    const I bg = item / (W * H);  // bi * offset_groups + g
+    const I g = bg % offset_groups;
+    const I bi = bg / offset_groups;
+    const I b = b0 + bi;
+    const long long base = (long long)bg * cells;
+    for (I c0 = 0; c0 < channels_per_group; c0 += lanes * DCN_GATHER_CHANNELS) {
+      A sum[DCN_GATHER_CHANNELS];
+      I column[DCN_GATHER_CHANNELS];  // of channel j in a columns row: (gw*P)*Kg + cl*taps
+      for (int j = 0; j < DCN_GATHER_CHANNELS; ++j) {
+        sum[j] = 0;
+        const I cg = c0 + lane + j * lanes;
+        const I c = g * channels_per_group + (cg < channels_per_group ? cg : 0);
+        const I gw = c / channels_per_weight_group;
+        column[j] = gw * P * Kg + (c - gw * channels_per_weight_group) * taps;
+      }
+      for (int role = 0; role < 4; ++role) {
+        const I cy = role >> 1, cx = role & 1;  // (yy, xx) is corner (cy, cx) of the cell
+        const long long cell = (long long)(yy - cy + 1) * (W + 1) + (xx - cx + 1);
+        const long long end = starts[base + cell + 1];
+        for (long long e = starts[base + cell]; e < end; ++e) {
+          const I s = (I)order[e];
+          const I ox = s % Wo;
+          const I r = (s / Wo) % nrows;
+          const I k = (s / P) % taps;
+          const I oy = oy0 + r;
+          const I i = k / kw, j = k % kw;
+          A y, x;
+          dcn_conv_position(offset + (b * offset_groups + g) * 2 * taps * pixels + oy * Wo + ox,
+                            pixels, k, i, j, oy, ox, stride_h, stride_w, pad_h, pad_w, dil_h,
+                            dil_w, &y, &x);
+          // Fractions against the cell being visited (the key kernel's), as
+          // deform_col2im_gather has them.
+          const A ly = y - (A)(yy - cy), lx = x - (A)(xx - cx);
+          A weight = (cy ? ly : (A)1 - ly) * (cx ? lx : (A)1 - lx);
+          if (mask) weight *= dcn_load(mask[(b * offset_groups + g) * taps * pixels +
+                                            k * pixels + oy * Wo + ox]);
+          const I row = (bi * groups * P + r * Wo + ox) * Kg + k;
+          for (int q = 0; q < DCN_GATHER_CHANNELS; ++q) {
+            if (c0 + lane + q * lanes < channels_per_group)
+              sum[q] += weight * grad_columns[row + column[q]];
+          }
+        }
+      }
+      for (int q = 0; q < DCN_GATHER_CHANNELS; ++q) {
+        const I cg = c0 + lane + q * lanes;
+        if (cg < channels_per_group)
+          grad_input[((b * C + g * channels_per_group + cg) * H + yy) * W + xx] += sum[q];
       }
     }
   }

@@ -48,7 +48,7 @@ def automatic(op):
     if cupydcn.get_cpu_backend() == "reference":
         return "reference"
     # the CPU's automatic choice is deterministic (cupydcn._dispatch.choose)
-    return {"deform_conv2d": "im2col_deterministic"}.get(op, "bins_deterministic")
+    return {"deform_conv2d": "im2col_fused_deterministic"}.get(op, "bins_deterministic")
 
 
 # ---- the cases come from the specs ------------------------------------------

@@ -1,10 +1,11 @@
-"""The fused backward of deformable convolution (``im2col_fused``,
-kernels/deform_conv_fused.cu) on the host backend with its checks on (races,
+"""The fused backward of deformable convolution (``im2col_fused`` and
+``im2col_fused_deterministic``, kernels/deform_conv_fused.cu) on the host backend with its checks on (races,
 warp-operation masks, scheduling drawn from the seed), against the float64
 reference: odd shapes, groups and offset groups, stride and dilation, with and
 without mask, for 1, 8 and 32 lanes per (pixel, offset group) item (the warp
-reduction over channels at every width), and mutations of the kernel that
-must fail. tests/test_implementations.py runs it through the public API in
+reduction over channels at every width), scattered (float atomics) and
+gathered (deterministic: bit-identical whatever the scheduling), and mutations
+of the kernels that must fail. tests/test_implementations.py runs it through the public API in
 every dtype as well.
 """
 
@@ -22,7 +23,8 @@ WIDE = (2, 40, 5, 6, 6, 2, 3, 2, 1, (1, 2), (1, 1), (2, 1), True, False)
 LANES = (1, 8, 32)
 
 
-def run_fused(backend, typed, params, wrt=_deform_conv.GRADIENTS, lanes=None):
+def run_fused(backend, typed, params, wrt=_deform_conv.GRADIENTS, lanes=None,
+              deterministic=False):
     geo = _validation.check_deform_conv2d(typed["input"], typed["offset"], typed["weight"],
                                           typed["bias"], mask=typed["mask"],
                                           grad_output=typed["grad_output"], **params)
@@ -31,30 +33,38 @@ def run_fused(backend, typed, params, wrt=_deform_conv.GRADIENTS, lanes=None):
     wrt = _validation.check_wrt(wrt, _deform_conv.GRADIENTS, bias=typed["bias"],
                                 mask=typed["mask"])
     grads = _conv_fused.backward(backend, geo, typed["grad_output"], typed["input"],
-                                 typed["offset"], typed["weight"], typed["mask"], wrt, lanes)
+                                 typed["offset"], typed["weight"], typed["mask"], wrt, lanes,
+                                 deterministic)
     return out, grads
 
 
+DETERMINISTIC = pytest.mark.parametrize("deterministic", [False, True],
+                                        ids=["scatter", "gather"])
+
+
+@DETERMINISTIC
 @pytest.mark.parametrize("lanes", LANES)
 @pytest.mark.parametrize("case", [*CASES, WIDE], ids=case_id)
-def test_fused_matches_reference(host, case, lanes):
+def test_fused_matches_reference(host, case, lanes, deterministic):
     typed, exact, params = make_case(case, numpy.float64)
     ref_out, ref_grads = reference_results(exact, params)
-    out, grads = run_fused(host, typed, params, lanes=lanes)
+    out, grads = run_fused(host, typed, params, lanes=lanes, deterministic=deterministic)
     compare_all(out, grads, ref_out, ref_grads, numpy.float64)
 
 
+@DETERMINISTIC
 @pytest.mark.parametrize("dtype", DTYPES, ids=dtype_name)
 @pytest.mark.parametrize("lanes", (1, 8))
-def test_fused_every_dtype(host, dtype, lanes):
+def test_fused_every_dtype(host, dtype, lanes, deterministic):
     typed, exact, params = make_case(WIDE, dtype, seed=1)
     ref_out, ref_grads = reference_results(exact, params)
-    out, grads = run_fused(host, typed, params, lanes=lanes)
+    out, grads = run_fused(host, typed, params, lanes=lanes, deterministic=deterministic)
     compare_all(out, grads, ref_out, ref_grads, dtype)
 
 
+@DETERMINISTIC
 @pytest.mark.parametrize("limit", [1, 700])
-def test_fused_tiled_by_workspace(host, limit):
+def test_fused_tiled_by_workspace(host, limit, deterministic):
     """Rows of one image and images per chunk: the GEMM writes into one
     workspace reused by every tile, the kernel sees each tile's columns."""
     typed, exact, params = make_case(CASES[1], numpy.float64)
@@ -64,26 +74,28 @@ def test_fused_tiled_by_workspace(host, limit):
         geo = _validation.check_deform_conv2d(typed["input"], typed["offset"], typed["weight"],
                                               mask=typed["mask"], **params)
         assert len(_deform_conv.tiles(geo)) > 1
-        out, grads = run_fused(host, typed, params, lanes=4)
+        out, grads = run_fused(host, typed, params, lanes=4, deterministic=deterministic)
     finally:
         cupydcn.set_workspace_limit(previous)
     compare_all(out, grads, ref_out, ref_grads, numpy.float64)
 
 
-def test_fused_64bit_indices(host, monkeypatch):
+@DETERMINISTIC
+def test_fused_64bit_indices(host, monkeypatch, deterministic):
     monkeypatch.setattr(_dtypes, "INT32_LIMIT", 0)
     typed, exact, params = make_case(WIDE, numpy.float32)
     ref_out, ref_grads = reference_results(exact, params)
-    out, grads = run_fused(host, typed, params, lanes=8)
+    out, grads = run_fused(host, typed, params, lanes=8, deterministic=deterministic)
     compare_all(out, grads, ref_out, ref_grads, numpy.float32)
 
 
+@DETERMINISTIC
 @pytest.mark.parametrize("wrt", [("input",), ("offset",), ("mask",), ("weight", "bias"),
                                  ("offset", "mask")])
-def test_fused_computes_only_what_is_asked(host, wrt):
+def test_fused_computes_only_what_is_asked(host, wrt, deterministic):
     typed, exact, params = make_case(CASES[0], numpy.float64)
     _, ref_grads = reference_results(exact, params)
-    _, grads = run_fused(host, typed, params, wrt, lanes=4)
+    _, grads = run_fused(host, typed, params, wrt, lanes=4, deterministic=deterministic)
     for name in _deform_conv.GRADIENTS:
         got = getattr(grads, name)
         if name in wrt:
@@ -121,28 +133,29 @@ def test_lanes_choice_and_bad_lanes(host):
 
 
 def test_dispatcher_registration():
-    """Registered for CUDA and the host, not deterministic, the first choice
-    where atomics are allowed (CUDA); on the host the automatic choice is
-    deterministic (parallel blocks), and deterministic=True falls back to
-    im2col_deterministic; named, it runs on the host."""
+    """Registered for CUDA and the host; im2col_fused, not deterministic, is
+    the first choice where atomics are allowed (CUDA); on the host the
+    automatic choice is deterministic (parallel blocks), and so is
+    deterministic=True: im2col_fused_deterministic; named, each runs on the
+    host."""
     table = {i.name: i for i in _dispatch._registry["deform_conv2d"]}
-    fused = table["im2col_fused"]
-    assert fused.runs_on == {_dispatch.CUDA, _dispatch.HOST}
-    assert not fused.deterministic
+    fused, gather = table["im2col_fused"], table["im2col_fused_deterministic"]
+    assert fused.runs_on == gather.runs_on == {_dispatch.CUDA, _dispatch.HOST}
+    assert not fused.deterministic and gather.deterministic
     assert fused.priority > table["im2col"].priority
+    assert gather.priority > table["im2col_deterministic"].priority
     typed, _, params = make_case(CASES[0], numpy.float32)
     geo = _validation.check_deform_conv2d(typed["input"], typed["offset"], typed["weight"],
                                           mask=typed["mask"], **params)
     previous = cupydcn.set_cpu_backend("host")
     try:
-        assert _dispatch.choose("deform_conv2d", False, geo)[0].name == "im2col_deterministic"
+        assert _dispatch.choose("deform_conv2d", False, geo)[0] is gather
         assert _dispatch.choose("deform_conv2d", False, geo, "im2col_fused")[0] is fused
         cuda = [i for i in _dispatch._registry["deform_conv2d"]
                 if _dispatch.CUDA in i.runs_on and "float32" in (i.dtypes or {"float32"})
                 and (i.automatic is None or i.automatic(_dispatch.CUDA, geo))]
         assert cuda[0] is fused
-        chosen = _dispatch.choose("deform_conv2d", False, geo, deterministic=True)[0]
-        assert chosen.name == "im2col_deterministic"
+        assert _dispatch.choose("deform_conv2d", False, geo, deterministic=True)[0] is gather
         with pytest.raises(_validation.ArgumentError, match="not deterministic"):
             _dispatch.choose("deform_conv2d", False, geo, "im2col_fused", deterministic=True)
     finally:
@@ -162,14 +175,25 @@ MUTATIONS = {
     "scatter corner weight": ("atomicAdd(gplane + y0 * W + x0 + 1, w01 * gm)",
                               "atomicAdd(gplane + y0 * W + x0 + 1, w10 * gm)"),
     "mask on the mask gradient": ("dcn_store<T>(sum_mask)", "dcn_store<T>(sum_mask * m)"),
-    "columns without the mask": ("columns[index] = value * m;", "columns[index] = value;"),
+    "columns without the mask": ("columns[index] = dcn_store<T>(value * m);",
+                                 "columns[index] = dcn_store<T>(value);"),
+}
+# The deterministic gather of the input gradient (run with deterministic=True).
+GATHER_MUTATIONS = {
+    "gather corner role": ("(cx ? lx : (A)1 - lx);", "(cx ? (A)1 - lx : lx);"),
+    "gather channel of the write": ("const I cg = c0 + lane + q * lanes;",
+                                    "const I cg = c0 + lane + q;"),
+    "gather chunk step": ("c0 += lanes * DCN_GATHER_CHANNELS", "c0 += DCN_GATHER_CHANNELS"),
+    "gather columns row without the groups": ("const I row = (bi * groups * P + r * Wo + ox)",
+                                              "const I row = (bi * P + r * Wo + ox)"),
 }
 
 
-@pytest.mark.parametrize("mutation", sorted(MUTATIONS))
+@pytest.mark.parametrize("mutation", sorted(MUTATIONS) + sorted(GATHER_MUTATIONS))
 def test_a_wrong_fused_kernel_fails(host, mutation):
     """Each plausible bug fails: the host checks report it, or a gradient is off."""
-    old, new = MUTATIONS[mutation]
+    deterministic = mutation in GATHER_MUTATIONS
+    old, new = (GATHER_MUTATIONS if deterministic else MUTATIONS)[mutation]
     text = _kernels.source("deform_conv_fused")
     assert text.count(old) == 1, old
     broken = _kernels.HostBackend(grid=host.grid, checks=True, workers=1, seed=host.seed,
@@ -177,7 +201,7 @@ def test_a_wrong_fused_kernel_fails(host, mutation):
     typed, exact, params = make_case(WIDE, numpy.float64)
     _, ref_grads = reference_results(exact, params)
     try:
-        _, grads = run_fused(broken, typed, params, lanes=8)
+        _, grads = run_fused(broken, typed, params, lanes=8, deterministic=deterministic)
     except RuntimeError as error:  # a host check (e.g. a shuffle naming an exited lane)
         assert "deform_col2im_fused" in str(error)
     else:
@@ -194,3 +218,16 @@ def test_weight_gradient_alone_is_bit_identical(host):
     _, alone = run_fused(host, typed, params, ("weight",), lanes=8)
     numpy.testing.assert_array_equal(alone.weight, full.weight)
     assert alone.input is None and alone.offset is None
+
+
+@pytest.mark.parametrize("lanes", (1, 8))
+def test_deterministic_backward_is_bit_identical_whatever_the_schedule(lanes):
+    """The deterministic backward gives the same bits under different block
+    orders, thread orders and numbers of workers (the scatter would not)."""
+    typed, _, params = make_case(WIDE, numpy.float32)
+    runs = [run_fused(_kernels.HostBackend(grid=3, checks=True, workers=workers, seed=seed),
+                      typed, params, lanes=lanes, deterministic=True)[1]
+            for workers, seed in ((1, 0), (2, 5), (2, 9))]
+    for name in ("input", "offset", "mask", "weight"):
+        for other in runs[1:]:
+            numpy.testing.assert_array_equal(getattr(other, name), getattr(runs[0], name))

@@ -150,7 +150,7 @@ def test_automatic_choice(dtype):
         assert automatic(_dispatch.CUDA, geo) == (half and name == "implicit_gemm")
         assert not automatic(_dispatch.HOST, geo)
     host_choice = _dispatch.choose("deform_conv2d", False, geo)[0].name
-    assert host_choice in ("im2col_deterministic", "reference")
+    assert host_choice in ("im2col_fused_deterministic", "reference")
     assert _dispatch.choose("deform_conv2d", False, geo, deterministic=True)[0].deterministic
 
 

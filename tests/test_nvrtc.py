@@ -4,12 +4,15 @@ NVRTC needs no driver and no GPU: the ``nvidia-cuda-nvrtc-cu12`` (CUDA 12,
 which still targets sm_70) and ``nvidia-cuda-nvrtc`` (CUDA 13) wheels from the
 test extras are loaded through ctypes. Each kernel file is compiled, with every
 dtype and index width as name expressions and the loader's own options, to a
-cubin for each architecture; any error or warning fails.
+cubin for each architecture; any error or warning fails, and so does a
+register spill (ptxas's report, ``--ptxas-options=-v``, for every kernel
+entry: 0 bytes of spill stores and loads).
 """
 
 import ctypes
 import glob
 import os
+import re
 
 import pytest
 
@@ -84,11 +87,16 @@ def test_every_instantiation_compiles(nvrtc, file):
                    for e in _kernels.name_expressions(f, dtype, bits)]
     assert len(expressions) == len(_kernels.KERNELS[file]) * 2 * len(_kernels._dtypes.DTYPES)
     for arch in ARCHS[major]:
-        options = [*_kernels.CupyBackend.OPTIONS, f"--gpu-architecture={arch}"]
+        options = [*_kernels.CupyBackend.OPTIONS, f"--gpu-architecture={arch}",
+                   "--ptxas-options=-v"]
         log, lowered, cubin = nvrtc.compile(text, f"{file}.cu", options, expressions)
         unexpected = [line for line in log.splitlines()
-                      if line.strip() and not any(w in line for w in EXPECTED_WARNINGS)]
+                      if line.strip() and not line.startswith("ptxas")
+                      and not any(w in line for w in EXPECTED_WARNINGS)]
         assert not unexpected, f"NVRTC {nvrtc.version} {arch}:\n{log}"
+        spills = re.findall(r"(\d+) bytes spill stores, (\d+) bytes spill loads", log)
+        assert len(spills) == len(expressions), f"NVRTC {nvrtc.version} {arch}:\n{log}"
+        assert all(s == ("0", "0") for s in spills), f"spills, NVRTC {nvrtc.version} {arch}:\n{log}"
         assert set(lowered) == set(expressions)
         assert all(name.startswith("_Z") for name in lowered.values())
         assert cubin > 0

@@ -6,7 +6,8 @@ argument: deformable convolution becomes the standard ``DeformConv`` (opset
 node (inputs, attributes, pads ``[ph, pw, ph, pw]``) and run in onnxruntime on
 the CPU against cupydcn's own result: groups, offset groups, stride, dilation,
 ph != pw, with and without bias and mask, the mmcv modules, an asymmetric
-``F.pad`` before the conv, float64/32/16 and bfloat16. The RoI poolings export
+``F.pad`` before the conv, float64/32/16 and bfloat16; an ExportedProgram made
+beforehand by ``torch.export`` exports the same ``DeformConv``. The RoI poolings export
 to the ``cupydcn`` domain; their nodes run in ONNX's reference evaluator with
 cupydcn's NumPy ops as the kernels, which checks that the attributes carry
 every argument. CPU tier only: export traces on the CPU.
@@ -53,6 +54,18 @@ def export(model, args, path, dynamo, opset_version=None):
     kwargs = {"verbose": False} if dynamo else {}
     torch.onnx.export(model.eval(), tuple(args), path, dynamo=dynamo, input_names=names,
                       opset_version=opset_version, **kwargs)
+    model_proto = onnx.load(path)
+    onnx.checker.check_model(model_proto, full_check=True)
+    return model_proto
+
+
+def export_program(model, args, path, opset_version=None):
+    """The ONNX model of an ExportedProgram of ``model(*args)`` made beforehand
+    by ``torch.export`` (inputs named in0, in1, ...), the dynamo exporter."""
+    program = torch.export.export(model.eval(), tuple(args))
+    names = [f"in{i}" for i in range(len(args))]
+    torch.onnx.export(program, tuple(args), path, dynamo=True, input_names=names,
+                      opset_version=opset_version, verbose=False)
     model_proto = onnx.load(path)
     onnx.checker.check_model(model_proto, full_check=True)
     return model_proto
@@ -437,3 +450,90 @@ def test_psroi_pool_count_output(tmp_path):
         want = PSRoIPoolWithCount()(x, rois, trans)
     for g, w in zip(got, want):
         assert rel_err(g, w.numpy()) <= F32_TOLERANCE
+
+
+# --------------------------------------------------------------------------
+# An ExportedProgram made beforehand (its graph holds torch.ops.cupydcn ops)
+# --------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("bias,mask", [(True, True), (False, True), (True, False),
+                                       (False, False)])
+def test_exported_program_exports_and_matches_onnxruntime(tmp_path, bias, mask):
+    layer, x, offset, m = conv_case()
+    model = Conv(layer, bias, mask)
+    args = (x, offset, m) if mask else (x, offset)
+    model_proto = export_program(model, args, tmp_path / "m.onnx")
+    check_deform_conv_node(model_proto, layer, bias, mask)
+    (got,) = run_ort(model_proto, args)
+    with torch.no_grad():
+        want = model(*args)
+    assert rel_err(got, want.numpy()) <= F32_TOLERANCE
+
+
+@pytest.mark.parametrize("make", [
+    lambda: ct.ModulatedDeformConv2dPack(4, 6, 3, stride=(1, 2), padding=(1, 2), dilation=2,
+                                         groups=2, deform_groups=2),
+    lambda: PaddedConv(),
+], ids=["ModulatedDeformConv2dPack", "asymmetric-padding"])
+def test_exported_program_of_a_module(tmp_path, make):
+    model = randomize(make(), seed=7)
+    C = 3 if isinstance(model, PaddedConv) else 4
+    x = torch.randn(2, C, 10, 9, generator=torch.Generator().manual_seed(8))
+    model_proto = export_program(model, (x,), tmp_path / "m.onnx")
+    (node,) = nodes(model_proto, "DeformConv")
+    assert len(node.input) == 5  # both modules have a bias and a mask
+    (got,) = run_ort(model_proto, (x,))
+    with torch.no_grad():
+        want = model(x)
+    assert rel_err(got, want.numpy()) <= F32_TOLERANCE
+
+
+def bfloat16_input(model_proto, node):
+    """Whether DeformConv's input X comes through a Cast to float32."""
+    produced_by = {o: n for n in model_proto.graph.node for o in n.output}
+    source = produced_by.get(node.input[0])
+    return source is not None and source.op_type == "Cast" and \
+        attributes(source)["to"] == onnx.TensorProto.FLOAT
+
+
+def test_exported_program_bfloat16_below_opset_22(tmp_path):
+    """bfloat16 as the model's export: float32 between Casts, run in onnxruntime."""
+    layer, x, offset, m = conv_case()
+    model = BFloat16Conv(layer)
+    model_proto = export_program(model, (x, offset, m), tmp_path / "m.onnx")
+    assert opset_of(model_proto) < 22
+    node = check_deform_conv_node(model_proto, layer, True, True)
+    assert bfloat16_input(model_proto, node)
+    (got,) = run_ort(model_proto, (x, offset, m))
+    with torch.no_grad():
+        want = model(x, offset, m)
+    assert rel_err(got, want.numpy()) <= TOLERANCE["bfloat16"]
+
+
+def test_exported_program_bfloat16_at_opset_22_is_native(tmp_path):
+    """The graph only: onnxruntime 1.31 has no bfloat16 DeformConv kernel on the CPU."""
+    layer, x, offset, m = conv_case(torch.bfloat16)
+    model = Conv(layer, True, True)
+    model_proto = export_program(model, (x, offset, m), tmp_path / "m.onnx", opset_version=22)
+    assert opset_of(model_proto) == 22
+    check_deform_conv_node(model_proto, layer, True, True, version=22)
+    assert not nodes(model_proto, "Cast")
+
+
+def test_exported_program_opset_below_19_is_refused(tmp_path):
+    layer, x, offset, _ = conv_case()
+    with pytest.raises(Exception, match="DeformConv needs opset_version >= 19, got 18"):
+        export_program(layer, (x, offset), tmp_path / "m.onnx", opset_version=18)
+
+
+def test_exported_program_translation_stays_in_its_export(tmp_path):
+    """The translation goes into the running export's registry only: torch's
+    own registry is left as it was, and each export registers it again."""
+    from torch.onnx._internal.exporter import _registration
+
+    target = torch.ops.cupydcn.deform_conv2d.default
+    layer, x, offset, _ = conv_case()
+    for i in range(2):
+        export_program(layer, (x, offset), tmp_path / f"m{i}.onnx")
+        assert not _registration.ONNXRegistry.from_torchlib().is_registered(target)

@@ -1,5 +1,6 @@
 """The compat namespaces of the torch bridge: cupydcn.torch.mmcv,
-cupydcn.torch.dcnv2 and cupydcn.torch.detectron2.
+cupydcn.torch.dcnv2 and cupydcn.torch.detectron2, and torchvision's own
+tests of its DeformConv2d that need more than its numbers (torch.fx leaf).
 
 Each family's names take the foreign library's signatures (parameter names,
 order and defaults, written out below from mmcv's ``mmcv/ops/deform_conv.py``,
@@ -7,18 +8,23 @@ order and defaults, written out below from mmcv's ``mmcv/ops/deform_conv.py``,
 detectron2's ``detectron2/layers/deform_conv.py``), give its state_dict keys,
 and compute exactly what cupydcn.torch's ops compute with the same parameters
 (they are thin wrappers: outputs and gradients are compared bit for bit).
-CPU tensors: the CPU path of the same ops.
+CPU tensors: the CPU path of the same ops. Every module scripts with
+``torch.jit.script`` (the scripted module computes what the eager one does and
+keeps its state_dict keys) and traces with ``torch.fx``.
 """
 
 import collections
 import inspect
+import io
+import pickle
 
 import pytest
 
 torch = pytest.importorskip("torch", reason="the torch bridge tests need torch")
 
-import cupydcn.torch as ct
-from cupydcn.torch import dcnv2, detectron2, mmcv
+import cupydcn.torch as ct  # noqa: E402
+from cupydcn.torch import dcnv2, detectron2, mmcv  # noqa: E402
+from test_torch_script import SCRIPT_DEPRECATED  # noqa: E402
 
 F64 = torch.float64
 DTYPES = [torch.float64, torch.float32, torch.float16, torch.bfloat16]
@@ -663,3 +669,293 @@ def test_compat_modules_compile_fullgraph():
     torch.testing.assert_close(out, out_eager, rtol=1e-5, atol=1e-6)
     for g, e in zip(grads, grads_eager):
         torch.testing.assert_close(g, e, rtol=1e-5, atol=1e-6)
+
+
+# --------------------------------------------------------------------------
+# torchvision's TestDeformConv: the torch.fx leaf
+# --------------------------------------------------------------------------
+
+
+class HoldsALayer(torch.nn.Module):
+    """The module torchvision's test_is_leaf_node traces: a layer called on
+    three inputs, its result unused."""
+
+    def __init__(self, layer):
+        super().__init__()
+        self.layer = layer
+        self.n_inputs = 3
+
+    def forward(self, a, b, c):
+        self.layer(a, b, c)
+
+
+def torchvision_layer():
+    """torchvision's TestDeformConv.make_obj, on cupydcn.torch."""
+    return ct.DeformConv2d(6, 2, (3, 2), stride=(2, 1), padding=(1, 0), dilation=(2, 1),
+                           groups=2)
+
+
+class RecordingTracer(torch.fx.Tracer):
+    """A plain torch.fx tracer (no leaf modules given) that lists the nodes it
+    creates through ``create_proxy``: the placeholders and the calls, which
+    is what torchvision's get_graph_node_names lists."""
+
+    def __init__(self):
+        super().__init__()
+        self.names = []
+
+    def create_proxy(self, kind, target, args, kwargs, *rest, **options):
+        proxy = super().create_proxy(kind, target, args, kwargs, *rest, **options)
+        self.names.append((kind, proxy.node.target))
+        return proxy
+
+
+def test_deform_conv2d_is_a_leaf_of_a_plain_fx_tracer():
+    """torchvision's test_is_leaf_node, with a plain torch.fx tracer standing
+    for get_graph_node_names: in train and in eval mode, the inputs and one
+    node for the layer (no weight or bias reads, no op inside)."""
+    model = HoldsALayer(torchvision_layer())
+    names = []
+    for mode in (True, False):
+        tracer = RecordingTracer()
+        tracer.trace(model.train(mode))
+        names.append(tracer.names)
+    assert names[0] == names[1]
+    assert len(names[0]) == 1 + model.n_inputs
+    assert names[0] == [("placeholder", "a"), ("placeholder", "b"), ("placeholder", "c"),
+                        ("call_module", "layer")]
+
+
+def test_torchvision_is_leaf_node_unmodified():
+    """torchvision's TestDeformConv.test_is_leaf_node as torchvision writes
+    it (its get_graph_node_names, no tracer arguments), on cupydcn.torch."""
+    feature_extraction = pytest.importorskip(
+        "torchvision.models.feature_extraction",
+        reason="torchvision is not installed (the plain-tracer test above stands for it)")
+    op_obj = HoldsALayer(torchvision_layer())
+    graph_node_names = feature_extraction.get_graph_node_names(op_obj)
+    assert len(graph_node_names) == 2
+    assert len(graph_node_names[0]) == len(graph_node_names[1])
+    assert len(graph_node_names[0]) == 1 + op_obj.n_inputs
+
+
+def test_deform_conv2d_leaf_runs_as_the_layer():
+    """The traced model calls the layer itself: same numbers and gradients,
+    with and without a mask, at any depth, pickled too."""
+    torch.manual_seed(0)
+    x, offset, mask, _, _ = conv_tensors(B=3, C=6, H=5, W=4, Cout=2, kh=3, kw=2, groups=2,
+                                         dg=3, stride=(2, 1), padding=(1, 0), dilation=(2, 1))
+
+    class Net(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.block = torch.nn.ModuleDict({"dcn": torchvision_layer()})
+
+        def forward(self, x, offset, mask):
+            return self.block["dcn"](x, offset, mask).relu() + self.block["dcn"](x, offset)
+
+    net = Net().double()
+    traced = torch.fx.symbolic_trace(net)
+    assert [n.target for n in traced.graph.nodes if n.op == "call_module"] == ["block.dcn"] * 2
+    params = (x, offset, mask, net.block["dcn"].weight)
+    assert_same(run(lambda: traced(x, offset, mask), params),
+                run(lambda: net(x, offset, mask), params))
+    torch.testing.assert_close(pickle.loads(pickle.dumps(traced))(x, offset, mask),
+                               net(x, offset, mask), **EXACT)
+
+
+# --------------------------------------------------------------------------
+# TorchScript and torch.fx of every family's modules
+# --------------------------------------------------------------------------
+
+
+def randomize_offsets(module):
+    """Offset (and mask) heads away from their zero init, so the offsets matter."""
+    gen = torch.Generator().manual_seed(3)
+    for name in ("conv_offset", "conv_offset_mask"):
+        conv = getattr(module, name, None)
+        if conv is not None:
+            with torch.no_grad():
+                conv.weight.copy_(0.1 * torch.randn(conv.weight.shape, generator=gen))
+    fc = getattr(module, "offset_mask_fc", None)
+    if fc is not None:
+        with torch.no_grad():
+            fc[4].weight.copy_(0.1 * torch.randn(fc[4].weight.shape, generator=gen))
+    return module
+
+
+def conv_case(name):
+    """(module, its forward's inputs) for one family's conv module (float64)."""
+    torch.manual_seed(0)
+    x, offset, mask, _, _ = conv_tensors(B=3)
+    x1, offset1, mask1, _, _ = conv_tensors(B=3, groups=1)
+    geometry = ((1, 2), (1, 0), (2, 1))
+    make = {
+        "mmcv.DeformConv2d": lambda: (mmcv.DeformConv2d(4, 6, (3, 2), *geometry, 2, 2),
+                                      (x, offset)),
+        "mmcv.ModulatedDeformConv2d": lambda: (
+            mmcv.ModulatedDeformConv2d(4, 6, (3, 2), *geometry, 2, 2), (x, offset, mask)),
+        "mmcv.DeformConv2dPack": lambda: (
+            mmcv.DeformConv2dPack(4, 6, 3, 2, 1, 1, 2, 2, False, 2), (x,)),
+        "mmcv.ModulatedDeformConv2dPack": lambda: (
+            mmcv.ModulatedDeformConv2dPack(4, 6, 3, 1, 1, 1, 2, deformable_groups=2), (x,)),
+        "dcnv2.DCNv2": lambda: (dcnv2.DCNv2(4, 6, (3, 2), *geometry, 2), (x1, offset1, mask1)),
+        "dcnv2.DCN": lambda: (dcnv2.DCN(4, 6, 3, 2, 1, 1, 2), (x,)),
+        "detectron2.DeformConv": lambda: (
+            detectron2.DeformConv(4, 6, (3, 2), *geometry, 2, 2, True,
+                                  torch.nn.GroupNorm(2, 6), torch.relu), (x, offset)),
+        "detectron2.ModulatedDeformConv": lambda: (
+            detectron2.ModulatedDeformConv(4, 6, (3, 2), *geometry, 2, 2,
+                                           activation=torch.nn.ReLU()), (x, offset, mask)),
+    }[name]
+    module, inputs = make()
+    module = randomize_offsets(module.double())
+    with torch.no_grad():
+        for p in module.parameters():
+            if p.dim() == 1:
+                p.normal_()   # biases (and norm affine) away from their init
+    return module, inputs
+
+
+def pool_case(name):
+    """(module, its forward's inputs) for one position-sensitive RoI pooling module."""
+    x, rois, trans = psroi_tensors(R=3, rows=4)
+    make = {
+        "cupydcn.torch.DeformPSRoIPool": lambda: (
+            ct.DeformPSRoIPool(1, 3, 1, False, 2, 3, 2, 0.1), (x, rois, trans[:3, :2])),
+        "dcnv2.DCNv2Pooling": lambda: (dcnv2.DCNv2Pooling(0.5, 3, 4, False, 1, None, 2, 0.1),
+                                       (x, rois, trans)),
+        "dcnv2.DCNPooling": lambda: (dcnv2.DCNPooling(0.5, 3, 4, False, 1, None, 2, 0.1, 16),
+                                     (x, rois)),
+        "dcnv2.DCNPooling(no_trans)": lambda: (dcnv2.DCNPooling(0.5, 3, 4, True), (x, rois)),
+    }[name]
+    module, inputs = make()
+    return randomize_offsets(module.double()), inputs
+
+
+CONV_CASES = ["mmcv.DeformConv2d", "mmcv.ModulatedDeformConv2d", "mmcv.DeformConv2dPack",
+              "mmcv.ModulatedDeformConv2dPack", "dcnv2.DCNv2", "dcnv2.DCN",
+              "detectron2.DeformConv", "detectron2.ModulatedDeformConv"]
+POOL_CASES = ["cupydcn.torch.DeformPSRoIPool", "dcnv2.DCNv2Pooling", "dcnv2.DCNPooling",
+              "dcnv2.DCNPooling(no_trans)"]
+
+
+def roundtrip(scripted):
+    """``scripted`` saved with torch.jit.save and loaded back."""
+    buffer = io.BytesIO()
+    torch.jit.save(scripted, buffer)
+    buffer.seek(0)
+    return torch.jit.load(buffer)
+
+
+@SCRIPT_DEPRECATED
+@pytest.mark.parametrize("name", CONV_CASES + POOL_CASES)
+def test_modules_script_and_match_eager(name):
+    module, inputs = conv_case(name) if name in CONV_CASES else pool_case(name)
+    eager = module.state_dict()
+    scripted = torch.jit.script(module)
+    # the scripted module keeps the checkpoint's keys and values
+    assert sorted(scripted.state_dict()) == sorted(eager)
+    params = [t for t in inputs if t.requires_grad] + list(module.parameters())
+    expected = run(lambda: module(*inputs), params)
+    assert_same(run(lambda: scripted(*inputs), params), expected)
+    torch.testing.assert_close(roundtrip(scripted)(*inputs), expected[0], **EXACT)
+    # a checkpoint of the eager module loads into the scripted one
+    fresh = torch.jit.script(conv_case(name)[0] if name in CONV_CASES else pool_case(name)[0])
+    fresh.load_state_dict(eager)
+    torch.testing.assert_close(fresh(*inputs), expected[0], **EXACT)
+
+
+@SCRIPT_DEPRECATED
+def test_scripted_modules_check_the_groups():
+    """The groups the foreign API names are checked in TorchScript too (a
+    compiled raise comes back as torch.jit.Error, message kept)."""
+    x, offset, mask, _, _ = conv_tensors()
+    wrong = torch.jit.script(mmcv.DeformConv2d(4, 6, (3, 2), (1, 2), (1, 0), (2, 1), 2).double())
+    with pytest.raises(torch.jit.Error, match=r"deform_groups must be offset.shape\[1\] / "
+                                              r"\(2\*kh\*kw\) = 24 / 12 = 2, got 1"):
+        wrong(x, offset)
+    wrong = torch.jit.script(detectron2.ModulatedDeformConv(4, 6, (3, 2), (1, 2), (1, 0),
+                                                            (2, 1), 2, 1).double())
+    with pytest.raises(torch.jit.Error, match=r"deformable_groups must be .* = 2, got 1"):
+        wrong(x, offset, mask)
+    # and the groups (a weight from another layer)
+    wrong = torch.jit.script(dcnv2.DCNv2(4, 6, (3, 2), (1, 2), (1, 0), (2, 1), 2).double())
+    with torch.no_grad():
+        wrong.weight.set_(torch.randn(6, 2, 3, 2, dtype=F64))
+    with pytest.raises(torch.jit.Error, match=r"groups must be input.shape\[1\] / "
+                                              r"weight.shape\[1\] = 4 / 2 = 2, got 1"):
+        wrong(x, offset, mask)
+
+
+def test_psroi_pool_modules_hold_float_parameters():
+    """spatial_scale and trans_std are held as floats (what TorchScript's
+    typed op takes), checked when the module is built."""
+    m = dcnv2.DCNv2Pooling(1, 3, 4, False, trans_std=0)
+    assert (m.spatial_scale, m.trans_std) == (1.0, 0.0)
+    assert type(m.spatial_scale) is float and type(m.trans_std) is float
+    with pytest.raises(TypeError, match="spatial_scale must be a real number, got '1'"):
+        dcnv2.DCNv2Pooling("1", 3, 4, False)
+    with pytest.raises(TypeError, match="trans_std must be a real number, got None"):
+        ct.DeformPSRoIPool(1.0, 3, 4, False, trans_std=None)
+
+
+@SCRIPT_DEPRECATED
+def test_functions_script_and_match_eager():
+    """mmcv's and DCNv2's functions compile with torch.jit.script, in a
+    module's forward as mmdetection's heads call them."""
+    x, offset, mask, weight, bias = conv_tensors()
+    geometry = ((1, 2), (1, 0), (2, 1))
+    tensors = (x, offset, mask, weight, bias)
+    v1 = torch.jit.script(mmcv.deform_conv2d)
+    assert_same(run(lambda: v1(x, offset, weight, *geometry, 2, 2), tensors),
+                run(lambda: mmcv.deform_conv2d(x, offset, weight, *geometry, 2, 2), tensors))
+    v2 = torch.jit.script(mmcv.modulated_deform_conv2d)
+    assert_same(run(lambda: v2(x, offset, mask, weight, bias, *geometry, 2, 2), tensors),
+                run(lambda: mmcv.modulated_deform_conv2d(x, offset, mask, weight, bias,
+                                                         *geometry, 2, 2), tensors))
+    with pytest.raises(torch.jit.Error, match="bias must be False"):
+        v1(x, offset, weight, *geometry, 2, 2, True)
+    x1, offset1, mask1, weight1, bias1 = conv_tensors(groups=1)
+    conv = torch.jit.script(dcnv2.dcn_v2_conv)
+    tensors = (x1, offset1, mask1, weight1, bias1)
+    assert_same(run(lambda: conv(*tensors, *geometry, 2), tensors),
+                run(lambda: dcnv2.dcn_v2_conv(*tensors, *geometry, 2), tensors))
+    xp, rois, trans = psroi_tensors(R=2, rows=3)
+    pool = torch.jit.script(dcnv2.dcn_v2_pooling)
+    torch.testing.assert_close(pool(xp, rois, trans, 1.0, 3, 4, False, 1, None, 2, 0.1),
+                               dcnv2.dcn_v2_pooling(xp, rois, trans, 1.0, 3, 4, False, 1, None,
+                                                    2, 0.1), **EXACT)
+
+
+@SCRIPT_DEPRECATED
+def test_scripted_detectron2_skips_norm_on_an_empty_batch():
+    m = detectron2.DeformConv(4, 6, 3, padding=1, norm=torch.nn.BatchNorm2d(6),
+                              activation=torch.relu)
+    scripted = torch.jit.script(m)
+    out = scripted(torch.zeros(0, 4, 5, 7), torch.zeros(0, 18, 5, 7))
+    assert out.shape == (0, 6, 5, 7)
+    assert int(m.norm.num_batches_tracked) == 0   # the norm did not run
+
+
+@pytest.mark.parametrize("name", CONV_CASES + POOL_CASES)
+def test_modules_trace_with_fx_and_match_eager(name):
+    module, inputs = conv_case(name) if name in CONV_CASES else pool_case(name)
+    traced = torch.fx.symbolic_trace(module)
+    ops = {n.target for n in traced.graph.nodes if n.op == "call_function"}
+    assert ops & {ct.deform_conv2d, ct.deform_psroi_pool}, ops
+    params = [t for t in inputs if t.requires_grad] + list(module.parameters())
+    assert_same(run(lambda: traced(*inputs), params), run(lambda: module(*inputs), params))
+
+
+def test_fx_traced_detectron2_runs_norm_on_an_empty_batch():
+    """A traced graph cannot branch on data: detectron2's empty-input
+    shortcut is not recorded, and the (empty) result goes through norm and
+    activation, which return it empty."""
+    m = detectron2.DeformConv(4, 6, 3, padding=1, norm=torch.nn.GroupNorm(2, 6),
+                              activation=torch.relu)
+    traced = torch.fx.symbolic_trace(m)
+    targets = [n.target for n in traced.graph.nodes if n.op in ("call_module", "call_function")]
+    assert targets == [ct.deform_conv2d, "norm", torch.relu]
+    x = torch.randn(0, 4, 5, 7)
+    torch.testing.assert_close(traced(x, torch.zeros(0, 18, 5, 7)), m(x, torch.zeros(0, 18, 5, 7)))

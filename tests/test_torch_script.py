@@ -180,12 +180,21 @@ def op_nodes(graph, function):
     return [n for n in graph.nodes if n.op == "call_function" and n.target is function]
 
 
+def module_nodes(graph):
+    return [n.target for n in graph.nodes if n.op == "call_module"]
+
+
 def test_fx_traces_the_op_as_a_leaf():
     torch.manual_seed(0)
     net = ConvNet().double()
     x = torch.randn(2, 4, 7, 8, dtype=torch.float64)
     traced = torch.fx.symbolic_trace(net)
-    assert len(op_nodes(traced.graph, ct.deform_conv2d)) == 4
+    # DeformConv2d is one call_module node, as torch.nn's modules (and
+    # torchvision's DeformConv2d in its feature extraction) are; the Packs
+    # are traced through, to their offset convs and one op node each
+    assert module_nodes(traced.graph) == ["offset", "dcn", "v2.conv_offset", "v1.conv_offset"]
+    assert len(op_nodes(traced.graph, ct.deform_conv2d)) == 3
+    assert not any(n.op == "get_attr" and n.target.startswith("dcn.") for n in traced.graph.nodes)
     # nothing of the op's body is traced (no shape reads, no torch.ops call):
     # the calls are the op's and the model's own
     called = {n.target for n in traced.graph.nodes if n.op == "call_function"}
@@ -195,30 +204,48 @@ def test_fx_traces_the_op_as_a_leaf():
     # it pickles (the op by its public name) and traces again, the op still a leaf
     torch.testing.assert_close(pickle.loads(pickle.dumps(traced))(x), net(x), **EXACT)
     retraced = torch.fx.symbolic_trace(traced)
-    assert len(op_nodes(retraced.graph, ct.deform_conv2d)) == 4
+    assert module_nodes(retraced.graph) == module_nodes(traced.graph)
+    assert len(op_nodes(retraced.graph, ct.deform_conv2d)) == 3
     torch.testing.assert_close(retraced(x), net(x), **EXACT)
 
 
+def test_fx_traces_deform_conv2d_as_the_root():
+    """Traced itself, DeformConv2d cannot be a node of its own graph: its
+    op is one call_function node, with or without a mask."""
+    torch.manual_seed(0)
+    t, params = conv_inputs(Cout=6, requires_grad=False)
+    layer = ct.DeformConv2d(4, 6, (3, 2), groups=2, **params).double()
+    traced = torch.fx.symbolic_trace(layer)
+    assert module_nodes(traced.graph) == [] and len(op_nodes(traced.graph, ct.deform_conv2d)) == 1
+    for mask in (t["mask"], None):
+        torch.testing.assert_close(traced(t["input"], t["offset"], mask),
+                                   layer(t["input"], t["offset"], mask), **EXACT)
+
+
 def test_fx_feature_extraction():
-    """What torchvision.models.feature_extraction does: trace, make an op's
-    node an output, run: the feature equals the module's output in eager."""
+    """What torchvision.models.feature_extraction does: trace, make nodes
+    outputs, run: each feature equals its module's output in eager."""
     torch.manual_seed(0)
     net = ConvNet().double()
     x = torch.randn(2, 4, 7, 8, dtype=torch.float64)
     seen = {}
-    net.dcn.register_forward_hook(lambda module, args, out: seen.setdefault("dcn", out))
+    for name in ("dcn", "v2"):
+        getattr(net, name).register_forward_hook(
+            lambda module, args, out, _name=name: seen.setdefault(_name, out))
     expected = net(x)
     traced = torch.fx.symbolic_trace(net)
     graph = traced.graph
-    feature = op_nodes(graph, ct.deform_conv2d)[0]
+    features = {"dcn": next(n for n in graph.nodes if n.op == "call_module" and n.target == "dcn"),
+                "v2": op_nodes(graph, ct.deform_conv2d)[0]}
     output = next(n for n in graph.nodes if n.op == "output")
     final = output.args[0]
     graph.erase_node(output)
-    graph.output({"dcn": feature, "out": final})
+    graph.output(dict(features, out=final))
     graph.eliminate_dead_code()
     traced.recompile()
     got = traced(x)
-    torch.testing.assert_close(got["dcn"], seen["dcn"], **EXACT)
+    for name in ("dcn", "v2"):
+        torch.testing.assert_close(got[name], seen[name], **EXACT)
     torch.testing.assert_close(got["out"], expected, **EXACT)
 
 

@@ -39,13 +39,20 @@ How: the dynamo exporter traces the Python wrappers of :mod:`cupydcn.torch`,
 which, while :func:`exporting`, call :func:`deform_conv2d`,
 :func:`deform_roi_pool` and :func:`deform_psroi_pool` here instead of the
 ``torch.ops.cupydcn`` ops; these emit the ONNX nodes through
-``torch.onnx.ops.symbolic``. So export the model, not an ExportedProgram made
-beforehand by ``torch.export``, whose graph holds the ``torch.ops.cupydcn``
-ops the dynamo exporter has no translation for. The TorchScript exporter
+``torch.onnx.ops.symbolic``. An ExportedProgram made beforehand by
+``torch.export`` holds the ``torch.ops.cupydcn`` ops themselves: for it,
+:func:`register_dynamo_translations` adds the translation of
+``torch.ops.cupydcn.deform_conv2d`` (the same ``DeformConv`` node) to the
+running export's registry when the exporter retraces the graph (the op's
+fake implementation calls it), so ``torch.onnx.export(exported_program)``
+needs no ``custom_translation_table`` either; the RoI poolings of such a
+graph are not translated (export the model for them). The TorchScript exporter
 records the ``torch.ops.cupydcn`` ops and translates them with the symbolic functions that
 :func:`register_torchscript_symbolics` registers when :mod:`cupydcn.torch` is
-imported. Dynamic batch sizes (``dynamic_shapes`` / ``dynamic_axes``) work;
-channels and kernel sizes must be static.
+imported. Dynamic batch sizes (``dynamic_shapes`` / ``dynamic_axes``) work when
+the model is exported (not in an ExportedProgram made beforehand: there
+``torch.export`` specializes the batch, whose size the ops' fake
+implementations read); channels and kernel sizes must be static.
 """
 
 import sys
@@ -108,10 +115,13 @@ def check_opset():
 
 
 def check_fake(op_name):
-    """What the fake implementation of ``torch.ops.cupydcn.<op_name>`` checks
-    for the exporters: deform_conv2d's opset (see :func:`check_opset`)."""
+    """What the fake implementation of ``torch.ops.cupydcn.<op_name>`` does
+    for the exporters: deform_conv2d's opset (see :func:`check_opset`), and
+    its translation for the dynamo exporter's registry (see
+    :func:`register_dynamo_translations`)."""
     if op_name == "deform_conv2d":
         check_opset()
+        register_dynamo_translations()
 
 
 def _opset_message(opset):
@@ -121,8 +131,16 @@ def _opset_message(opset):
 
 def _target_opset():
     """The opset_version of the running ``torch.onnx.export(..., dynamo=True)``,
-    None where it cannot be found: torch.onnx has no public way to ask, so
-    this reads it from the exporter's frame (torch 2.6 to 2.13 at least)."""
+    None where it cannot be found."""
+    opset = _exporter_local("opset_version")
+    return opset if isinstance(opset, int) else None
+
+
+def _exporter_local(name):
+    """Local variable ``name`` of the running ``torch.onnx.export(...,
+    dynamo=True)``, None where it cannot be found: torch.onnx has no public
+    way to ask for its opset_version or its registry, so this reads them from
+    the exporter's frame (torch 2.6 to 2.13 at least)."""
     try:
         from torch.onnx._internal.exporter import _compat
 
@@ -132,8 +150,7 @@ def _target_opset():
     frame = sys._getframe(1)
     while frame is not None:
         if frame.f_code is code:
-            opset = frame.f_locals.get("opset_version")
-            return opset if isinstance(opset, int) else None
+            return frame.f_locals.get(name)
         frame = frame.f_back
     return None
 
@@ -165,6 +182,56 @@ def _deform_conv_attributes(geo):
     (sh, sw), (ph, pw), (dh, dw) = geo.stride, geo.padding, geo.dilation
     return {"dilations": [dh, dw], "group": geo.groups, "kernel_shape": [geo.kh, geo.kw],
             "offset_group": geo.offset_groups, "pads": [ph, pw, ph, pw], "strides": [sh, sw]}
+
+
+def _conv_node_attributes(C, Cg, kh, kw, offset_channels, stride, padding, dilation):
+    """DeformConv's attributes from the sizes a translation sees (channels,
+    kernel) and the op's int-pair arguments."""
+    (sh, sw), (ph, pw), (dh, dw) = stride, padding, dilation
+    return {"dilations": [dh, dw], "group": C // Cg, "kernel_shape": [kh, kw],
+            "offset_group": offset_channels // (2 * kh * kw), "pads": [ph, pw, ph, pw],
+            "strides": [sh, sw]}
+
+
+def register_dynamo_translations():
+    """Under ``torch.onnx.export(..., dynamo=True)``, add the translation of
+    ``torch.ops.cupydcn.deform_conv2d`` to the running export's registry, for
+    graphs that hold the op itself (an ExportedProgram made beforehand; the
+    model's own export goes through the wrappers). Called by the op's fake
+    implementation, which runs when the exporter retraces the graph, before
+    it translates it; the registry is the exporter's local (no public way to
+    reach it, and torch.onnx has no global registration that does not import
+    onnxscript, seconds, with cupydcn.torch)."""
+    if not exporting():
+        return
+    registry = _exporter_local("registry")
+    target = torch.ops.cupydcn.deform_conv2d.default
+    if registry is None or not hasattr(registry, "register_op") \
+            or registry.is_registered(target):
+        return
+    registry.register_op(target, _translate_deform_conv2d)
+
+
+def _translate_deform_conv2d(input, offset, weight, bias=None, stride=(1, 1), padding=(0, 0),
+                             dilation=(1, 1), mask=None, algorithm=None):
+    """The dynamo exporter's translation of ``torch.ops.cupydcn.deform_conv2d``
+    (trace-only ONNX Script: the arguments are the graph's values and the
+    op's ints; ``algorithm`` does not change the numbers): the ``DeformConv``
+    node :func:`deform_conv2d` emits, bfloat16 as there."""
+    from onnxscript import opset19, opset22
+
+    opset = check_opset()
+    bfloat16 = int(input.dtype) == _ONNX_BFLOAT16
+    native = not bfloat16 or (opset is not None and opset >= DEFORM_CONV_BFLOAT16_OPSET)
+    tensors = (input, weight, offset, bias, mask)
+    if not native:
+        tensors = tuple(None if t is None else opset19.Cast(t, to=_ONNX_FLOAT) for t in tensors)
+    attributes = _conv_node_attributes(input.shape[1], weight.shape[1], weight.shape[2],
+                                       weight.shape[3], offset.shape[1], stride, padding,
+                                       dilation)
+    op = opset22 if bfloat16 and native else opset19
+    out = op.DeformConv(*tensors, **attributes)
+    return out if native else opset19.Cast(out, to=_ONNX_BFLOAT16)
 
 
 def deform_roi_pool(input, rois, offset, output_size, spatial_scale, sampling_ratio, gamma,
@@ -271,15 +338,14 @@ def _symbolic_deform_conv2d(g, input, offset, weight, bias, stride, padding, dil
     C = _sizes(g, input, 0, "input", op)[1]
     Cout, Cg, kh, kw = _sizes(g, weight, 2, "weight", op)
     offset_channels = _sizes(g, offset, 1, "offset", op)[1]
-    (sh, sw), (ph, pw), (dh, dw) = stride, padding, dilation
     tensors = (input, weight, offset, bias, mask)
     # bfloat16 DeformConv needs opset 22, beyond this exporter: float32 between Casts
     cast = _dtype(input) == torch.bfloat16 and g.opset < DEFORM_CONV_BFLOAT16_OPSET
     if cast:
         tensors = [t if _is_none(t) else g.op("Cast", t, to_i=_ONNX_FLOAT) for t in tensors]
-    out = g.op("DeformConv", *_inputs(g, *tensors), dilations_i=[dh, dw], group_i=C // Cg,
-               kernel_shape_i=[kh, kw], offset_group_i=offset_channels // (2 * kh * kw),
-               pads_i=[ph, pw, ph, pw], strides_i=[sh, sw])
+    attributes = _conv_node_attributes(C, Cg, kh, kw, offset_channels, stride, padding, dilation)
+    out = g.op("DeformConv", *_inputs(g, *tensors),
+               **{f"{name}_i": value for name, value in attributes.items()})
     return g.op("Cast", out, to_i=_ONNX_BFLOAT16) if cast else out
 
 

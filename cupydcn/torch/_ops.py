@@ -189,6 +189,16 @@ class _OpLayout:
                 if want and bound[name] is not None]
 
 
+def _memory_format_like(t, like):
+    """``t`` in ``like``'s memory format: channels-last when ``like`` is
+    (``_validation.is_channels_last``; torch's own strides, which say so for a
+    batch of 0 too), else as it is (the core's results are C-contiguous).
+    No copy when ``t`` already is."""
+    if like is not None and _validation.is_channels_last(like):
+        return t.contiguous(memory_format=torch.channels_last)
+    return t
+
+
 def _core_args(bound, args):
     return [_interop.core_array(bound[a.name]) if a.kind in _TENSOR_KINDS else bound[a.name]
             for a in args]
@@ -209,7 +219,8 @@ def _define(spec):
             result = core(*_core_args(bound, layout.forward_args), algorithm=bound[ALGORITHM],
                           **{f"return_{out}": True for out in layout.auxiliary})
             if not layout.auxiliary:
-                return _interop.tensor(result, owner)
+                out = _interop.tensor(result, owner)
+                return _memory_format_like(out, bound[first]) if spec.keeps_memory_format else out
             return tuple(_interop.tensor(r, owner) for r in result)
 
     def forward_fake(*args, **kwargs):
@@ -219,6 +230,8 @@ def _define(spec):
         shapes = spec.output_shapes(geo)
         like = bound[first]
         outs = [like.new_empty(shapes[spec.outputs[0]])]
+        if spec.keeps_memory_format:  # the real op's strides (see _memory_format_like)
+            outs[0] = _memory_format_like(outs[0], like)
         outs += [like.new_empty(shapes[out], dtype=getattr(torch, geo.dtype.acc.name))
                  for out in layout.auxiliary]
         return outs[0] if not layout.auxiliary else tuple(outs)
@@ -233,14 +246,21 @@ def _define(spec):
             grads = core(_interop.core_array(bound["grad_output"]),
                          *_core_args(bound, layout.backward_args), wrt=names,
                          deterministic=_deterministic(), algorithm=bound[ALGORITHM])
-            return [_interop.tensor(getattr(grads, n), owner) for n in names]
+            tensors = [_interop.tensor(getattr(grads, n), owner) for n in names]
+            if spec.keeps_memory_format:
+                tensors = [_memory_format_like(t, bound[n]) for t, n in zip(tensors, names)]
+            return tensors
 
     def backward_fake(*args, **kwargs):
         bound = layout.bind_backward(args, kwargs)
         spec.check(*(bound[a.name] for a in spec.args), grad_output=bound["grad_output"],
                    **{a.name: bound[a.name] for a in spec.backward_args},
                    **layout.check_options)
-        return [bound[n].new_empty(bound[n].shape) for n in layout.present(bound["wrt"], bound)]
+        grads = [(n, bound[n].new_empty(bound[n].shape))
+                 for n in layout.present(bound["wrt"], bound)]
+        if spec.keeps_memory_format:  # the real op's strides
+            return [_memory_format_like(g, bound[n]) for n, g in grads]
+        return [g for _, g in grads]
 
     forward_op = torch.library.custom_op(f"{NAMESPACE}::{name}", forward, mutates_args=(),
                                          schema=layout.forward_schema())

@@ -32,17 +32,26 @@ Same numbers as DCNv2 (docs/semantics.md §2, §4). Where cupydcn differs:
   wrong stride), checked by the constructor.
 """
 
+# typing's names: TorchScript reads these annotations
+from typing import Optional
+
 import torch
-from torch import nn
+import torch.fx
+from torch import Tensor, nn
+from torch._jit_internal import BroadcastingList2
 
 from cupydcn import _validation
 from cupydcn.torch import DeformPSRoIPool, deform_psroi_pool
+from cupydcn.torch.modules import _psroi_output
 from cupydcn.torch.mmcv import ModulatedDeformConv2d, _grouped_conv
 
 __all__ = ["DCN", "DCNPooling", "DCNv2", "DCNv2Pooling", "dcn_v2_conv", "dcn_v2_pooling"]
 
 
-def dcn_v2_conv(input, offset, mask, weight, bias, stride, padding, dilation, deformable_groups):
+def dcn_v2_conv(input: Tensor, offset: Tensor, mask: Tensor, weight: Tensor,
+                bias: Optional[Tensor], stride: BroadcastingList2[int],
+                padding: BroadcastingList2[int], dilation: BroadcastingList2[int],
+                deformable_groups: int) -> Tensor:
     """DCNv2's ``dcn_v2_conv``: modulated deformable convolution, no groups.
 
     Args:
@@ -85,7 +94,7 @@ class DCNv2(ModulatedDeformConv2d):
         """DCNv2's name for ``deform_groups``."""
         return self.deform_groups
 
-    def forward(self, input, offset, mask):
+    def forward(self, input: Tensor, offset: Tensor, mask: Tensor) -> Tensor:
         return dcn_v2_conv(input, offset, mask, self.weight, self.bias, self.stride,
                            self.padding, self.dilation, self.deformable_groups)
 
@@ -109,15 +118,17 @@ class DCN(DCNv2):
         self.conv_offset_mask.weight.data.zero_()
         self.conv_offset_mask.bias.data.zero_()
 
-    def forward(self, input):
+    def forward(self, input: Tensor) -> Tensor:
         o1, o2, mask = torch.chunk(self.conv_offset_mask(input), 3, dim=1)
         offset = torch.cat((o1, o2), dim=1)
         return dcn_v2_conv(input, offset, torch.sigmoid(mask), self.weight, self.bias,
                            self.stride, self.padding, self.dilation, self.deformable_groups)
 
 
-def dcn_v2_pooling(input, rois, offset, spatial_scale, pooled_size, output_dim, no_trans,
-                   group_size=1, part_size=None, sample_per_part=4, trans_std=0.0):
+def dcn_v2_pooling(input: Tensor, rois: Tensor, offset: Optional[Tensor], spatial_scale: float,
+                   pooled_size: int, output_dim: int, no_trans: bool, group_size: int = 1,
+                   part_size: Optional[int] = None, sample_per_part: int = 4,
+                   trans_std: float = 0.0) -> Tensor:
     """DCNv2's ``dcn_v2_pooling``: deformable position-sensitive RoI pooling
     (:func:`cupydcn.torch.deform_psroi_pool`, DCNv2's argument order).
 
@@ -131,15 +142,31 @@ def dcn_v2_pooling(input, rois, offset, spatial_scale, pooled_size, output_dim, 
     Returns:
         (R, output_dim, pooled_size, pooled_size) tensor.
     """
-    trans = None
+    trans: Optional[Tensor] = None
     if not no_trans:
         trans = offset
-        if isinstance(trans, torch.Tensor) and isinstance(rois, torch.Tensor) \
-                and trans.dim() > 0 and rois.dim() > 0 and trans.shape[0] > rois.shape[0]:
-            trans = trans[:rois.shape[0]]
-    return deform_psroi_pool(input, rois, trans, spatial_scale, output_dim, group_size,
-                             pooled_size, pooled_size if part_size is None else part_size,
-                             sample_per_part, trans_std)
+        if trans is not None:
+            trans = _first_rows(trans, rois)
+    return _psroi_output(deform_psroi_pool(input, rois, trans, spatial_scale, output_dim,
+                                           group_size, pooled_size,
+                                           pooled_size if part_size is None else part_size,
+                                           sample_per_part, trans_std))
+
+
+def _first_rows(trans: Tensor, rois: Tensor) -> Tensor:
+    """The rows of ``trans`` the RoIs use: DCNv2 takes more rows than RoIs
+    (RoI r uses row r, the others are unused); fewer are left to the op's
+    check, which names them. Under ``torch.fx`` symbolic tracing the slice
+    is recorded (a no-op when the counts match); what is not a tensor is
+    left to the op, which says what it expected."""
+    if not torch.jit.is_scripting():
+        if isinstance(trans, torch.fx.Proxy) or isinstance(rois, torch.fx.Proxy):
+            return trans[:rois.shape[0]]
+        if not isinstance(trans, Tensor) or not isinstance(rois, Tensor):
+            return trans
+    if trans.dim() > 0 and rois.dim() > 0 and trans.shape[0] > rois.shape[0]:
+        return trans[:rois.shape[0]]
+    return trans
 
 
 class DCNv2Pooling(DeformPSRoIPool):
@@ -150,7 +177,7 @@ class DCNv2Pooling(DeformPSRoIPool):
     part_size), ignored when ``no_trans``) -> (R, output_dim, pooled_size, pooled_size).
     """
 
-    def forward(self, input, rois, offset=None):
+    def forward(self, input: Tensor, rois: Tensor, offset: Optional[Tensor] = None) -> Tensor:
         if not self.no_trans and offset is None:
             raise _validation.ArgumentError(
                 "offset (the trans) is required when no_trans is False")
@@ -192,13 +219,13 @@ class DCNPooling(DCNv2Pooling):
             nn.init.zeros_(self.offset_mask_fc[4].weight)
             nn.init.zeros_(self.offset_mask_fc[4].bias)
 
-    def _pool(self, input, rois, trans, no_trans):
+    def _pool(self, input: Tensor, rois: Tensor, trans: Optional[Tensor], no_trans: bool) -> Tensor:
         return dcn_v2_pooling(input, rois, trans, self.spatial_scale, self.pooled_size,
                               self.output_dim, no_trans, self.group_size, self.part_size,
                               self.sample_per_part, self.trans_std)
 
-    def forward(self, input, rois):
-        if self.no_trans:
+    def forward(self, input: Tensor, rois: Tensor) -> Tensor:
+        if self.no_trans or not hasattr(self, "offset_mask_fc"):
             return self._pool(input, rois, None, True)
         n = rois.shape[0]
         pooled = self._pool(input, rois, None, True)

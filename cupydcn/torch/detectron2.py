@@ -19,7 +19,12 @@ the offset-group count is read from the offset's shape and checked against
 ``deformable_groups``.
 """
 
-from torch import nn
+# typing's names: TorchScript reads these annotations
+from typing import Optional
+
+import torch
+import torch.fx
+from torch import Tensor, nn
 
 from cupydcn.torch import _conv_parameters
 from cupydcn.torch.mmcv import _grouped_conv
@@ -27,8 +32,21 @@ from cupydcn.torch.mmcv import _grouped_conv
 __all__ = ["DeformConv", "ModulatedDeformConv"]
 
 
+def _empty(x: Tensor) -> bool:
+    """Whether ``x`` has no elements; never under ``torch.fx`` symbolic
+    tracing, whose graph cannot branch on data: there the norm and the
+    activation are recorded, and run on an empty batch too (torch's norms
+    and activations return it empty)."""
+    if not torch.jit.is_scripting():
+        if isinstance(x, torch.fx.Proxy):
+            return False
+    return x.numel() == 0
+
+
 class _Detectron2DeformConv(nn.Module):
     """What detectron2's two layers share."""
+
+    __constants__ = ["_activated"]
 
     def __init__(self, in_channels, out_channels, kernel_size, stride, padding, dilation, groups,
                  deformable_groups, bias, norm, activation):
@@ -38,19 +56,25 @@ class _Detectron2DeformConv(nn.Module):
         self.deformable_groups = deformable_groups
         self.norm = norm
         self.activation = activation
+        self._activated = activation is not None
         nn.init.kaiming_uniform_(self.weight, nonlinearity="relu")
         if self.bias is not None:
             nn.init.zeros_(self.bias)
 
-    def _conv(self, x, offset, mask):
+    def _conv(self, x: Tensor, offset: Tensor, mask: Optional[Tensor]) -> Tensor:
         out = _grouped_conv(x, offset, mask, self.weight, self.bias, self.stride, self.padding,
                             self.dilation, self.groups, self.deformable_groups,
                             "deformable_groups")
-        if x.numel() == 0:
+        if _empty(x):
             return out
         if self.norm is not None:
             out = self.norm(out)
-        if self.activation is not None:
+        if torch.jit.is_scripting():
+            # TorchScript cannot compare a function with None: the constructor's
+            # answer, a constant, decides
+            if self._activated:
+                out = self.activation(out)
+        elif self.activation is not None:
             out = self.activation(out)
         return out
 
@@ -72,7 +96,7 @@ class DeformConv(_Detectron2DeformConv):
         super().__init__(in_channels, out_channels, kernel_size, stride, padding, dilation,
                          groups, deformable_groups, bias, norm, activation)
 
-    def forward(self, x, offset):
+    def forward(self, x: Tensor, offset: Tensor) -> Tensor:
         return self._conv(x, offset, None)
 
 
@@ -92,5 +116,5 @@ class ModulatedDeformConv(_Detectron2DeformConv):
         self.stride, self.padding, self.dilation = stride, padding, dilation
         self.with_bias = bias
 
-    def forward(self, x, offset, mask):
+    def forward(self, x: Tensor, offset: Tensor, mask: Tensor) -> Tensor:
         return self._conv(x, offset, mask)

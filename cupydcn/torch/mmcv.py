@@ -45,7 +45,12 @@ unexpected: pass the checkpoint through :func:`upgrade_state_dict` first,
 import collections
 import math
 
+# typing's names: TorchScript reads these annotations
+from typing import Optional
+
+import torch
 from torch import Tensor, nn
+from torch._jit_internal import BroadcastingList2
 
 from cupydcn import _validation
 from cupydcn.torch import (
@@ -79,14 +84,13 @@ __all__ = [
 # --------------------------------------------------------------------------
 
 
-def _check_groups(input, offset, weight, groups, deform_groups, deform_name="deform_groups"):
+def _check_groups(input: Tensor, offset: Tensor, weight: Tensor, groups: int,
+                  deform_groups: int, deform_name: str):
     """Check the ``groups`` and offset-group count an API passes explicitly
     (mmcv, DCNv2, detectron2) against what the shapes say, which is what
     cupydcn computes with. Malformed shapes are left to the op's validation,
-    which names them."""
-    groups = _validation._int(groups, "groups", 1)
-    deform_groups = _validation._int(deform_groups, deform_name, 1)
-    if not all(isinstance(t, Tensor) and t.dim() == 4 for t in (input, offset, weight)):
+    which names them. Scripts with ``torch.jit.script``."""
+    if input.dim() != 4 or offset.dim() != 4 or weight.dim() != 4:
         return
     C, Cg = input.shape[1], weight.shape[1]
     if Cg > 0 and C % Cg == 0 and C // Cg != groups:
@@ -100,16 +104,36 @@ def _check_groups(input, offset, weight, groups, deform_groups, deform_name="def
                                         f"got {deform_groups}")
 
 
-def _grouped_conv(input, offset, mask, weight, bias, stride, padding, dilation, groups,
-                  deform_groups, deform_name="deform_groups"):
-    """:func:`cupydcn.torch.deform_conv2d` for an API that names the groups."""
-    # the geometry first: a tensor passed where torchvision's order has bias
-    # lands in stride, and that is the message that says so
-    _validation.pair(stride, "stride", 1)
-    _validation.pair(padding, "padding", 0)
-    _validation.pair(dilation, "dilation", 1)
+def _grouped_conv(input: Tensor, offset: Tensor, mask: Optional[Tensor], weight: Tensor,
+                  bias: Optional[Tensor], stride: BroadcastingList2[int],
+                  padding: BroadcastingList2[int], dilation: BroadcastingList2[int], groups: int,
+                  deform_groups: int, deform_name: str = "deform_groups") -> Tensor:
+    """:func:`cupydcn.torch.deform_conv2d` for an API that names the groups.
+    Scripts with ``torch.jit.script``; under ``torch.fx`` symbolic tracing
+    the op is one ``call_function`` node (the groups, read from shapes, are
+    not checked there)."""
+    if not torch.jit.is_scripting():
+        # the geometry first: a tensor passed where torchvision's order has bias
+        # lands in stride, and that is the message that says so
+        _validation.pair(stride, "stride", 1)
+        _validation.pair(padding, "padding", 0)
+        _validation.pair(dilation, "dilation", 1)
+        groups = _validation._int(groups, "groups", 1)
+        deform_groups = _validation._int(deform_groups, deform_name, 1)
+        if not all(isinstance(t, Tensor) for t in (input, offset, weight)):
+            # torch.fx Proxies (no shapes yet), or not tensors (the op says so)
+            return _deform_conv2d(input, offset, weight, bias, stride, padding, dilation, mask)
     _check_groups(input, offset, weight, groups, deform_groups, deform_name)
     return _deform_conv2d(input, offset, weight, bias, stride, padding, dilation, mask)
+
+
+def _check_flags(bias, im2col_step):
+    """:func:`deform_conv2d`'s ``bias`` (a flag that must be False) and
+    ``im2col_step``, as Python sees them (their types included)."""
+    if bias is not False:
+        raise _validation.ArgumentError(f"bias must be False (mmcv's deform_conv2d takes no "
+                                        f"bias; cupydcn.torch.deform_conv2d does), got {bias!r}")
+    _check_im2col_step(im2col_step)
 
 
 def _check_im2col_step(im2col_step):
@@ -117,9 +141,12 @@ def _check_im2col_step(im2col_step):
     _validation._int(im2col_step, "im2col_step", 1)
 
 
-def deform_conv2d(input, offset, weight, stride=1, padding=0, dilation=1, groups=1,
-                  deform_groups=1, bias=False, im2col_step=32):
-    """mmcv's ``deform_conv2d`` (DCNv1), mmcv's argument order.
+def deform_conv2d(input: Tensor, offset: Tensor, weight: Tensor,
+                  stride: BroadcastingList2[int] = 1, padding: BroadcastingList2[int] = 0,
+                  dilation: BroadcastingList2[int] = 1, groups: int = 1, deform_groups: int = 1,
+                  bias: bool = False, im2col_step: int = 32) -> Tensor:
+    """mmcv's ``deform_conv2d`` (DCNv1), mmcv's argument order. Scripts with
+    ``torch.jit.script``.
 
     Args:
         input: (B, C, H, W) tensor.
@@ -134,17 +161,22 @@ def deform_conv2d(input, offset, weight, stride=1, padding=0, dilation=1, groups
     Returns:
         (B, Cout, Ho, Wo) tensor, differentiable in input, offset and weight.
     """
-    if bias is not False:
-        raise _validation.ArgumentError(f"bias must be False (mmcv's deform_conv2d takes no "
-                                        f"bias; cupydcn.torch.deform_conv2d does), got {bias!r}")
-    _check_im2col_step(im2col_step)
+    if not torch.jit.is_scripting():
+        _check_flags(bias, im2col_step)
+    elif bias:
+        raise _validation.ArgumentError("bias must be False (mmcv's deform_conv2d takes no "
+                                        "bias; cupydcn.torch.deform_conv2d does), got True")
     return _grouped_conv(input, offset, None, weight, None, stride, padding, dilation, groups,
                          deform_groups)
 
 
-def modulated_deform_conv2d(input, offset, mask, weight, bias=None, stride=1, padding=0,
-                            dilation=1, groups=1, deform_groups=1):
+def modulated_deform_conv2d(input: Tensor, offset: Tensor, mask: Tensor, weight: Tensor,
+                            bias: Optional[Tensor] = None, stride: BroadcastingList2[int] = 1,
+                            padding: BroadcastingList2[int] = 0,
+                            dilation: BroadcastingList2[int] = 1, groups: int = 1,
+                            deform_groups: int = 1) -> Tensor:
     """mmcv's ``modulated_deform_conv2d`` (DCNv2), mmcv's argument order.
+    Scripts with ``torch.jit.script``.
 
     Args:
         input: (B, C, H, W) tensor.

@@ -13,7 +13,9 @@ their op is one ``call_function`` node.
 """
 
 import math
-from typing import Optional
+
+# typing's names: TorchScript reads these annotations
+from typing import Optional, Tuple, Union
 
 import torch
 import torch.fx
@@ -23,6 +25,22 @@ from torch.nn.modules.utils import _pair
 from cupydcn import _validation
 from cupydcn.torch._ops import deform_conv2d, deform_psroi_pool, deform_roi_pool
 
+
+def _fx_module_leaf(module, args):
+    """Under ``torch.fx`` symbolic tracing (a Proxy among ``args``) of a model
+    holding ``module``, the call recorded as one ``call_module`` node, as the
+    tracer records torch.nn's modules; else None. The root module being
+    traced cannot be a node of its own graph: it is traced through."""
+    proxy = next((a for a in args if isinstance(a, torch.fx.Proxy)), None)
+    if proxy is None:
+        return None
+    try:
+        path = proxy.tracer.path_of_module(module)
+    except NameError:  # not a submodule of the traced root
+        return None
+    if not path:
+        return None
+    return proxy.tracer.create_proxy("call_module", path, args, {})
 
 
 def _conv_parameters(module, in_channels, out_channels, kernel_size, stride, padding, dilation,
@@ -57,6 +75,12 @@ class DeformConv2d(nn.Module):
     ``forward(input, offset, mask=None)``; offset groups come from their shape.
     ``algorithm``: None (the automatic choice) or an implementation from
     ``cupydcn.algorithms("deform_conv2d")``. Scripts with ``torch.jit.script``.
+
+    Under ``torch.fx`` symbolic tracing of a model holding it, the layer is
+    one ``call_module`` node without extra tracer arguments, as torchvision's
+    ``DeformConv2d`` is in ``torchvision.models.feature_extraction`` (which
+    makes torchvision's ops leaves); traced as the root, its op is one
+    ``call_function`` node.
     """
 
     def __init__(self, in_channels, out_channels, kernel_size, stride=1, padding=0, dilation=1,
@@ -77,6 +101,10 @@ class DeformConv2d(nn.Module):
     def forward(self, input: Tensor, offset: Tensor, mask: Optional[Tensor] = None) -> Tensor:
         """input (B, C, H, W), offset (B, 2*dg*kh*kw, Ho, Wo), mask
         (B, dg*kh*kw, Ho, Wo) or None -> (B, out_channels, Ho, Wo)."""
+        if not torch.jit.is_scripting():
+            leaf = _fx_module_leaf(self, (input, offset) if mask is None else (input, offset, mask))
+            if leaf is not None:
+                return leaf
         return deform_conv2d(input, offset, self.weight, self.bias, stride=self.stride,
                              padding=self.padding, dilation=self.dilation, mask=mask,
                              algorithm=self.algorithm)
@@ -196,8 +224,6 @@ class ModulatedDeformConv2dPack(_MMCVDeformConv2d):
                              self.dilation, mask=torch.sigmoid(mask), algorithm=self.algorithm)
 
 
-
-
 class DeformRoIPool(nn.Module):
     """Mirrors ``mmcv.ops.DeformRoIPool``: same constructor
     ``(output_size, spatial_scale=1.0, sampling_ratio=0, gamma=0.1)``, no
@@ -305,6 +331,14 @@ class ModulatedDeformRoIPoolPack(DeformRoIPoolPack):
                                algorithm=self.algorithm)
 
 
+def _psroi_output(result: Union[Tensor, Tuple[Tensor, Tensor]]) -> Tensor:
+    """The pooled output of :func:`cupydcn.torch.deform_psroi_pool` called
+    without ``return_count`` (a Union to TorchScript, which this refines)."""
+    if isinstance(result, tuple):
+        return result[0]
+    return result
+
+
 class DeformPSRoIPool(nn.Module):
     """Mirrors ``DCNv2Pooling`` of the DCNv2 repository (the PyTorch port of
     the official DCN ``DeformablePSROIPooling``): same constructor
@@ -315,31 +349,32 @@ class DeformPSRoIPool(nn.Module):
     ignored when ``no_trans``) -> (R, output_dim, pooled_size, pooled_size).
     The constructor stays DCNv2's: set the ``algorithm`` attribute (None, the
     automatic choice, or a name from ``cupydcn.algorithms("deform_psroi_pool")``)
-    to pick an implementation.
+    to pick an implementation. Scripts with ``torch.jit.script`` (the
+    ``spatial_scale`` and ``trans_std`` attributes are floats, as the op's).
     """
-
-    algorithm = None
 
     def __init__(self, spatial_scale, pooled_size, output_dim, no_trans, group_size=1,
                  part_size=None, sample_per_part=4, trans_std=0.0):
         super().__init__()
-        self.spatial_scale = spatial_scale
+        self.spatial_scale = _validation._real(spatial_scale, "spatial_scale")
         self.pooled_size = pooled_size
         self.output_dim = output_dim
         self.no_trans = no_trans
         self.group_size = group_size
         self.part_size = pooled_size if part_size is None else part_size
         self.sample_per_part = sample_per_part
-        self.trans_std = trans_std
+        self.trans_std = _validation._real(trans_std, "trans_std")
+        self.algorithm = None
 
-    def forward(self, input, rois, offset=None):
+    def forward(self, input: Tensor, rois: Tensor, offset: Optional[Tensor] = None) -> Tensor:
         trans = None if self.no_trans else offset
         if trans is None and not self.no_trans:
             raise _validation.ArgumentError(
                 "offset (the trans) is required when no_trans is False")
-        return deform_psroi_pool(input, rois, trans, self.spatial_scale, self.output_dim,
-                                 self.group_size, self.pooled_size, self.part_size,
-                                 self.sample_per_part, self.trans_std, algorithm=self.algorithm)
+        return _psroi_output(deform_psroi_pool(
+            input, rois, trans, self.spatial_scale, self.output_dim, self.group_size,
+            self.pooled_size, self.part_size, self.sample_per_part, self.trans_std,
+            algorithm=self.algorithm))
 
     def extra_repr(self):
         return (f"spatial_scale={self.spatial_scale}, pooled_size={self.pooled_size}, "
