@@ -60,68 +60,45 @@ measured the fastest deterministic backward on this project's CPUs
 
 from __future__ import annotations
 
-from cupydcn import (_arrays, _config, _deform_conv, _dispatch, _dtypes, _gemm, _kernels,
-                     _validation)
+from cupydcn import _arrays, _config, _deform_conv, _dispatch, _dtypes, _gemm, _kernels
 
 _FILE = "deform_conv_fused"
 _KERNEL = "deform_col2im_fused"
-WARP = 32
+# Lanes per item on CUDA (``_kernels.lanes_for``'s cap): see the module docstring.
 CUDA_LANES = 8
-
-
-def lanes_for(backend, geo):
-    """Threads of a warp per (pixel, offset group) item (see module docstring)."""
-    if getattr(backend, "name", None) == "host":
-        return 1
-    cap = min(CUDA_LANES, geo.C // geo.offset_groups)
-    lanes = 1
-    while lanes * 2 <= cap:
-        lanes *= 2
-    return lanes
-
-
-def _host_options(backend, plain):
-    """The launch options of a kernel of this file: on the host, ``plain``
-    (no shuffle runs: one lane, or the gather, which has none) runs the
-    threads as a plain loop, no fibers."""
-    return {"cooperative": False} if getattr(backend, "name", None) == "host" and plain else {}
 
 
 def _launch_fused(backend, geo, bits, tile, lanes, grad_columns, input, offset, mask, grad_input,
                   grad_offset, grad_mask, columns):
     items = tile.nb * geo.offset_groups * tile.nrows * geo.Wo
-    threads = -(-items * lanes // WARP) * WARP
-    block = _kernels.BLOCK  # a multiple of the warp: every warp runs whole
-    grid = min(-(-threads // block), getattr(backend, "grid", None) or _kernels.MAX_GRID)
-    backend.launch(_FILE, _KERNEL, geo.dtype, bits, threads,
-                   [grad_columns, input, offset, mask, grad_input, grad_offset, grad_mask, columns,
-                    geo.groups, lanes, *_deform_conv._geometry_args(geo, tile)],
-                   grid=(grid,), block=(block,), **_host_options(backend, lanes == 1))
+    _kernels.launch_lanes(backend, _FILE, _KERNEL, geo.dtype, bits,
+                          _kernels.warp_threads(items, lanes),
+                          [grad_columns, input, offset, mask, grad_input, grad_offset, grad_mask,
+                           columns, geo.groups, lanes, *_deform_conv._geometry_args(geo, tile)],
+                          lanes)
 
 
 def _gather_input(backend, geo, bits, tile, lanes, grad_columns, offset, mask, grad_input):
     """The deterministic input gradient of one tile: its samples sorted by
     pixel cell, then deform_col2im_fused_gather (no atomics)."""
     order, starts = _deform_conv.sample_order(backend, geo, bits, tile, offset)
-    backend.launch(_FILE, "deform_col2im_fused_gather", geo.dtype, bits,
-                   tile.nb * geo.offset_groups * geo.H * geo.W * lanes,
-                   [grad_columns, offset, mask, order, starts, grad_input, geo.groups, lanes,
-                    *_deform_conv._geometry_args(geo, tile)], **_host_options(backend, True))
+    _kernels.launch_lanes(backend, _FILE, "deform_col2im_fused_gather", geo.dtype, bits,
+                          tile.nb * geo.offset_groups * geo.H * geo.W * lanes,
+                          [grad_columns, offset, mask, order, starts, grad_input, geo.groups,
+                           lanes, *_deform_conv._geometry_args(geo, tile)], lanes,
+                          shuffles=False)
 
 
 def backward(backend, geo, grad_output, input, offset, weight, mask, wrt, lanes=None,
              deterministic=False):
     """The fused kernel path of deform_conv2d_backward; ``wrt`` a set of
-    GRADIENTS; ``lanes`` (a power of two, 1..32) overrides :func:`lanes_for`;
+    GRADIENTS; ``lanes`` (a power of two, 1..32) overrides ``_kernels.lanes_for``;
     ``deterministic`` gathers the input gradient instead of scattering it."""
     xp = backend.xp
     dtype, acc = geo.dtype.dtype, geo.dtype.acc
     groups, taps = geo.groups, geo.kh * geo.kw
     cout_g, kg = geo.Cout // groups, geo.C // groups * taps
-    lanes = lanes_for(backend, geo) if lanes is None else lanes
-    if lanes not in (1, 2, 4, 8, 16, WARP):
-        raise _validation.ArgumentError(
-            f"lanes must be a power of two from 1 to 32, got {lanes!r}")
+    lanes = _kernels.checked_lanes(backend, geo.C // geo.offset_groups, lanes, CUDA_LANES)
     grad_input = (_arrays.zeros_result(xp, input.shape, acc, result=acc == dtype)
                   if "input" in wrt else None)
     grad_offset = _arrays.empty_result(xp, offset.shape, dtype) if "offset" in wrt else None
@@ -137,7 +114,7 @@ def backward(backend, geo, grad_output, input, offset, weight, mask, wrt, lanes=
             plan = _deform_conv.key_safe(geo, plan)
         most = max(t.out_rows for t in plan) * geo.Wo
         bits = max(_deform_conv._index_bits(geo, plan),
-                   _dtypes.index_bits(geo.offset_groups * most * lanes + WARP,
+                   _dtypes.index_bits(geo.offset_groups * most * lanes + _kernels.WARP,
                                       geo.B * geo.offset_groups * geo.H * geo.W * lanes))
         columns_gradient = wrt & {"input", "offset", "mask"}
         size = geo.C * taps * most

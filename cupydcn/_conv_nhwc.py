@@ -52,23 +52,11 @@ from cupydcn import (_arrays, _config, _deform_conv, _dispatch, _dtypes, _gemm, 
 
 _OP = "deform_conv2d"
 _FILE = "deform_conv_nhwc"
-WARP = 32
+# Lanes per (pixel, offset group, tap) item on CUDA: up to a warp, so a warp
+# reads 32 consecutive channels of one corner (one 128-byte line in float32);
+# on the host 1 (no shuffle: a plain loop). See _kernels.lanes_for.
 CUDA_LANES = 32
 VECTOR_BYTES = 16
-
-
-def lanes_for(backend, geo):
-    """Threads of a warp per (pixel, offset group, tap) item: on CUDA the
-    largest power of two <= min(32, channels per offset group), so a warp
-    reads 32 consecutive channels of one corner (one 128-byte line in
-    float32); on the host 1 (no shuffle: a plain loop)."""
-    if getattr(backend, "name", None) == "host":
-        return 1
-    cap = min(CUDA_LANES, geo.C // geo.offset_groups)
-    lanes = 1
-    while lanes * 2 <= cap:
-        lanes *= 2
-    return lanes
 
 
 def _address(xp, a):
@@ -117,7 +105,7 @@ def _index_bits(geo, plan, lanes):
         geo.B * geo.offset_groups * 2 * taps * geo.Ho * geo.Wo,
         geo.B * geo.Cout * geo.Ho * geo.Wo,
         most * taps * geo.C,
-        most * geo.offset_groups * taps * lanes + WARP,
+        most * geo.offset_groups * taps * lanes + _kernels.WARP,
     )
 
 
@@ -226,15 +214,12 @@ def backward(backend, geo, grad_output, input, offset, weight, mask, wrt, lanes=
              vector=None):
     """The kernel path of deform_conv2d_backward on channels-last memory;
     ``wrt`` a set of GRADIENTS; ``lanes`` (a power of two, 1..32) overrides
-    :func:`lanes_for`, ``vector`` :func:`vector_width`. The input gradient is
+    ``_kernels.lanes_for`` (capped at CUDA_LANES), ``vector`` :func:`vector_width`. The input gradient is
     channels-last, the offset and mask gradients have their arrays' formats,
     the weight gradient is (Cout, C/groups, kh, kw)."""
     xp = backend.xp
     dtype, acc = geo.dtype.dtype, geo.dtype.acc
-    lanes = lanes_for(backend, geo) if lanes is None else lanes
-    if lanes not in (1, 2, 4, 8, 16, WARP):
-        raise _validation.ArgumentError(
-            f"lanes must be a power of two from 1 to 32, got {lanes!r}")
+    lanes = _kernels.checked_lanes(backend, geo.C // geo.offset_groups, lanes, CUDA_LANES)
     taps = geo.kh * geo.kw
     cg, kg = geo.Cout // geo.groups, geo.C // geo.groups * taps
     grad_input_nhwc = grad_input = None
@@ -273,19 +258,13 @@ def backward(backend, geo, grad_output, input, offset, weight, mask, wrt, lanes=
                                    _weight_matrix(xp, geo, weight_k, g),
                                    _columns_matrix(xp, geo, grad_columns, q - first, n, g))
                 items = n_tile * geo.offset_groups * taps
-                threads = -(-items * lanes // WARP) * WARP
-                block = _kernels.BLOCK  # a multiple of the warp: every warp runs whole
-                most = getattr(backend, "grid", None) or _kernels.MAX_GRID
-                grid = min(-(-threads // block), most)
-                options = {}
-                if getattr(backend, "name", None) == "host" and lanes == 1:
-                    options["cooperative"] = False  # no shuffle runs: a plain loop
-                backend.launch(
-                    _FILE, "deform_col2im_nhwc", geo.dtype, bits, threads,
+                _kernels.launch_lanes(
+                    backend, _FILE, "deform_col2im_nhwc", geo.dtype, bits,
+                    _kernels.warp_threads(items, lanes),
                     [grad_columns, input_nhwc, offset, mask, grad_input_nhwc, grad_offset_view,
                      grad_mask_view, lanes, *offset_strides, *(mask_strides or (0, 0, 0)),
                      *grad_offset_strides, *grad_mask_strides, *_geometry_args(geo, tile)],
-                    grid=(grid,), block=(block,), **options)
+                    lanes)
             if grad_weight_k is not None:
                 columns = _im2col(backend, geo, bits, tile, input_nhwc, offset, offset_strides,
                                   mask, mask_strides, vector)

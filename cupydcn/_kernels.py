@@ -203,6 +203,57 @@ def launch_config(n, grid=None, block=None, shared=0, default_block=BLOCK, max_g
     return grid, block, int(shared)
 
 
+# ---- warp-per-item kernels: `lanes` threads of a warp share one work item,
+# split its channels and reduce over them with shuffles (the fused and
+# channels-last conv backwards, the RoI offset and trans gradients)
+
+WARP = 32
+LANES = (1, 2, 4, 8, 16, WARP)
+
+
+def lanes_for(backend, channels, cap):
+    """Threads of a warp per work item: on CUDA the largest power of two <=
+    min(``cap``, ``channels``), a heuristic until GPU measurements replace it
+    (benchmarks/NOTES.md); elsewhere 1 (on the host a lane is a fiber and a
+    shuffle a context switch; with one lane no shuffle runs)."""
+    if getattr(backend, "name", None) != "cupy" or channels < 2:
+        return 1
+    return 1 << (min(cap, channels).bit_length() - 1)
+
+
+def checked_lanes(backend, channels, lanes, cap):
+    """``lanes`` (None: :func:`lanes_for`), a power of two from 1 to 32."""
+    lanes = lanes_for(backend, channels, cap) if lanes is None else lanes
+    if lanes not in LANES:
+        from cupydcn import _validation
+
+        raise _validation.ArgumentError(
+            f"lanes must be a power of two from 1 to 32, got {lanes!r}")
+    return lanes
+
+
+def warp_threads(items, lanes):
+    """The threads of a warp-per-item launch: items*lanes rounded up to whole warps."""
+    return -(-items * lanes // WARP) * WARP
+
+
+def launch_lanes(backend, file, kernel, dtype, bits, n, args, lanes, shuffles=True):
+    """``backend.launch`` of a warp-per-item kernel over ``n`` threads
+    (:func:`warp_threads`). With lanes > 1 and ``shuffles`` (False for a kernel
+    whose lanes never exchange values): blocks of BLOCK threads, a multiple of
+    the warp, so every warp runs whole and reaches its shuffles with the full
+    mask, and on the host the threads are fibers; otherwise, on the host, a
+    plain loop (no shuffle runs, though the file holds some)."""
+    options = {}
+    cooperating = lanes > 1 and shuffles
+    if cooperating:
+        grid = min(-(-n // BLOCK), getattr(backend, "grid", None) or MAX_GRID)
+        options.update(grid=(grid,), block=(BLOCK,))
+    if getattr(backend, "name", None) == "host":
+        options["cooperative"] = cooperating
+    backend.launch(file, kernel, dtype, bits, n, args, **options)
+
+
 class CupyBackend:
     """Runs kernels with CuPy on the current device and the current stream."""
 
@@ -323,8 +374,9 @@ class HostBackend:
     name = "host"
     xp = numpy
     # -march=native: the library is built on, and cached for, the machine that
-    # runs it (the cache key holds the CPU's description). ISO C++ mode keeps
-    # floating-point contraction off, so no FMA changes a rounding.
+    # runs it (the cache key holds the CPU's description). GCC contracts a*b + c
+    # into FMAs there, as nvcc does on the GPU by default (--fmad=true): a
+    # machine without FMA may round differently, within the tolerances.
     FLAGS = ("-std=c++17", "-O3", "-march=native", "-shared", "-fPIC", "-fno-strict-aliasing",
              "-pthread")
 

@@ -11,7 +11,7 @@ backwards have a ``deterministic`` mode without floating-point atomics (sorted
 samples gathered per input element; see the kernel files' opening paragraphs).
 The offset and mask gradients of deform_roi_pool and the trans gradient of
 deform_psroi_pool reduce over the channels with ``lanes`` threads of a warp per
-bin (:func:`lanes_for`: 1 on the host, a plain loop).
+bin (``_kernels.lanes_for``: 1 on the host, a plain loop).
 """
 
 from __future__ import annotations
@@ -338,56 +338,18 @@ def _sorted_samples(xp, keys, samples, cells):
 
 # ---- launches --------------------------------------------------------------
 
-WARP = 32
-LANES = (1, 2, 4, 8, 16, WARP)
+# Lanes per bin on CUDA (``_kernels.lanes_for``'s cap): 8, so a warp still
+# covers 4 neighbouring bins whose corner reads share sectors of the same
+# planes (32 lanes would read 32 planes per load); benchmarks/NOTES.md.
 CUDA_LANES = 8
 
 
-def lanes_for(backend, channels):
-    """Threads of a warp per item of the warp-per-bin gradients (the RoI
-    offset gradient, the PS RoI trans gradients), which reduce over
-    ``channels``. A heuristic until GPU measurements replace it
-    (benchmarks/NOTES.md, "RoI pooling: a warp per bin"): on CUDA the largest
-    power of two <= min(CUDA_LANES, channels), so a bin's channel loop is cut
-    8-fold while a warp still covers 32/lanes neighbouring bins of one RoI,
-    whose corner reads share sectors of the same planes (32 lanes would read
-    32 planes per load); elsewhere 1 (on the host a lane is a fiber and a
-    shuffle a switch; with one lane no shuffle runs)."""
-    if getattr(backend, "name", None) != "cupy" or channels < 2:
-        return 1
-    return 1 << (min(CUDA_LANES, channels).bit_length() - 1)
-
-
-def _checked_lanes(backend, channels, lanes):
-    """``lanes`` (None: :func:`lanes_for`), checked."""
-    lanes = lanes_for(backend, channels) if lanes is None else lanes
-    if lanes not in LANES:
-        raise _validation.ArgumentError(
-            f"lanes must be a power of two from 1 to 32, got {lanes!r}")
-    return lanes
-
-
-def _warp_threads(items, lanes):
-    """The threads of a warp-per-item kernel: items*lanes rounded up to whole warps."""
-    return -(-items * lanes // WARP) * WARP
-
-
 def _launch(backend, file, kernel, geo, bits, n, args, lanes=1):
-    """``backend.launch`` of one RoI kernel over ``n`` work items. With
-    ``lanes`` > 1 (a warp-per-item kernel: ``n`` covers whole warps) the
-    launch gives blocks of BLOCK threads, a multiple of the warp, so every
-    warp runs whole and reaches its shuffles with the full mask (the RoI
-    offset gradient declares ``__launch_bounds__(256)``: BLOCK, or the default
-    block, which is BLOCK too). The kernel files hold warp shuffles, so the
-    host would run all their kernels as fibers; only a launch with lanes > 1
-    runs one, the others are plain loops."""
-    options = {}
-    if lanes > 1:
-        grid = min(-(-n // _kernels.BLOCK), getattr(backend, "grid", None) or _kernels.MAX_GRID)
-        options.update(grid=(grid,), block=(_kernels.BLOCK,))
-    if getattr(backend, "name", None) == "host":
-        options["cooperative"] = lanes > 1
-    backend.launch(file, kernel, geo.dtype, bits, n, args, **options)
+    """One RoI kernel launch over ``n`` work items: ``_kernels.launch_lanes``
+    (the RoI files hold warp shuffles; only a launch with lanes > 1 runs one,
+    so the others are plain loops on the host). The RoI offset gradient
+    declares ``__launch_bounds__(256)``: BLOCK, the block of every launch."""
+    _kernels.launch_lanes(backend, file, kernel, geo.dtype, bits, n, args, lanes)
 
 
 # ---- deform_roi_pool kernel paths ----------------------------------------
@@ -442,8 +404,8 @@ def roi_pool_backward(backend, geo, grad_output, input, rois, offset=None, mask=
     """The kernel path of deform_roi_pool_backward; ``wrt`` names ROI_GRADIENTS
     (offset and mask are computed only when given). ``deterministic`` takes the
     atomic-free input gradient. ``lanes`` (a power of two, 1..32: threads of a
-    warp per bin of the offset and mask gradients) overrides :func:`lanes_for`."""
-    lanes = _checked_lanes(backend, geo.C, lanes)
+    warp per bin of the offset and mask gradients) overrides ``_kernels.lanes_for``."""
+    lanes = _kernels.checked_lanes(backend, geo.C, lanes, CUDA_LANES)
     xp = backend.xp
     dtype, acc = geo.dtype.dtype, geo.dtype.acc
     grad_input = (_arrays.zeros_result(xp, input.shape, acc, result=acc == dtype)
@@ -463,9 +425,9 @@ def roi_pool_backward(backend, geo, grad_output, input, rois, offset=None, mask=
             _launch(backend, _ROI, "deform_roi_pool_backward_input", geo, bits,
                     grad_output.size, [grad_output, rois, offset, mask, grad_input, *args])
         if grad_offset is not None or grad_mask is not None:
-            threads = _warp_threads(geo.R * geo.ph * geo.pw, lanes)
+            threads = _kernels.warp_threads(geo.R * geo.ph * geo.pw, lanes)
             _launch(backend, _ROI, "deform_roi_pool_backward_offset", geo,
-                    max(bits, _dtypes.index_bits(threads + WARP)), threads,
+                    max(bits, _dtypes.index_bits(threads + _kernels.WARP)), threads,
                     [grad_output, input, rois, offset, mask, grad_offset, grad_mask, lanes,
                      *args], lanes)
     else:  # no RoI or no channel: nothing to pool, every gradient is 0
@@ -533,8 +495,9 @@ def psroi_pool_backward(backend, geo, grad_output, input, rois, trans=None, coun
     """The kernel path of deform_psroi_pool_backward; ``count`` None recomputes
     it with the forward kernel. ``deterministic`` takes the atomic-free
     gradients. ``lanes`` (a power of two, 1..32: threads of a warp per item of
-    the trans gradient) overrides :func:`lanes_for`."""
-    lanes = _checked_lanes(backend, geo.output_dim // max(geo.num_classes, 1), lanes)
+    the trans gradient) overrides ``_kernels.lanes_for``."""
+    lanes = _kernels.checked_lanes(backend, geo.output_dim // max(geo.num_classes, 1), lanes,
+                                   CUDA_LANES)
     xp = backend.xp
     dtype, acc = geo.dtype.dtype, geo.dtype.acc
     grad_input = (_arrays.zeros_result(xp, input.shape, acc, result=acc == dtype)
@@ -560,8 +523,8 @@ def psroi_pool_backward(backend, geo, grad_output, input, rois, trans=None, coun
             kernel, items = (
                 ("deform_psroi_pool_backward_trans_gather", geo.part_size**2) if deterministic
                 else ("deform_psroi_pool_backward_trans", geo.pooled_size**2))
-            threads = _warp_threads(geo.R * geo.num_classes * items, lanes)
-            _launch(backend, _PSROI, kernel, geo, max(bits, _dtypes.index_bits(threads + WARP)),
+            threads = _kernels.warp_threads(geo.R * geo.num_classes * items, lanes)
+            _launch(backend, _PSROI, kernel, geo, max(bits, _dtypes.index_bits(threads + _kernels.WARP)),
                     threads, [grad_output, input, rois, trans, count, grad_trans, lanes, *args],
                     lanes)
     if grad_input is not None:

@@ -120,14 +120,14 @@ def test_lanes_choice_and_bad_lanes(host):
     typed, _, params = make_case(WIDE, numpy.float64)
     geo = _validation.check_deform_conv2d(typed["input"], typed["offset"], typed["weight"],
                                           mask=typed["mask"], **params)
-    assert _conv_fused.lanes_for(host, geo) == 1
+    channels = geo.C // geo.offset_groups  # 40 per offset group
+    assert _kernels.lanes_for(host, channels, _conv_fused.CUDA_LANES) == 1
 
     class Device:
         name = "cupy"
 
-    assert _conv_fused.lanes_for(Device, geo) == _conv_fused.CUDA_LANES  # 40 channels
-    narrow = geo._replace(offset_groups=10)  # 4 channels per offset group
-    assert _conv_fused.lanes_for(Device, narrow) == 4
+    assert _kernels.lanes_for(Device, channels, _conv_fused.CUDA_LANES) == 8
+    assert _kernels.lanes_for(Device, 4, _conv_fused.CUDA_LANES) == 4  # 10 offset groups
     with pytest.raises(ValueError, match="lanes must be a power of two from 1 to 32, got 3"):
         run_fused(host, typed, params, lanes=3)
 

@@ -288,9 +288,10 @@ def test_bad_lanes(host):
 
     geo = _validation.check_deform_conv2d(typed["input"], typed["offset"], typed["weight"],
                                           mask=typed["mask"], **params)
-    assert _conv_nhwc.lanes_for(host, geo) == 1
-    assert _conv_nhwc.lanes_for(Device, geo) == 8  # 8 channels per offset group
-    assert _conv_nhwc.lanes_for(Device, geo._replace(C=80, offset_groups=1)) == 32
+    cap = _conv_nhwc.CUDA_LANES
+    assert _kernels.lanes_for(host, geo.C // geo.offset_groups, cap) == 1
+    assert _kernels.lanes_for(Device, geo.C // geo.offset_groups, cap) == 8  # 8 per group
+    assert _kernels.lanes_for(Device, 80, cap) == 32
 
 
 # ---------------------------------------------------------------- bridges

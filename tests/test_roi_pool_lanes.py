@@ -6,7 +6,7 @@ gradients of deform_roi_pool (``deform_roi_pool_backward_offset``) and the
 trans gradient of deform_psroi_pool, scattered and deterministic
 (``deform_psroi_pool_backward_trans`` and ``_trans_gather``). The users' host
 path runs them with one lane (a plain loop, no shuffle), CUDA with up to 8
-(``_roi_pool.lanes_for``; the kernels take up to 32). These tests cover 2 to
+(``_kernels.lanes_for``; the kernels take up to 32). These tests cover 2 to
 32 lanes without a GPU: channel counts wider than a warp and not a multiple of
 the lanes, items that do not fill the last warp, every dtype, the
 deterministic results bit-identical whatever the scheduling, and mutations of
@@ -108,9 +108,9 @@ def test_lanes_choice_and_bad_lanes(roi_data):
         name = "cupy"
 
     host = fibers()
-    assert _roi_pool.lanes_for(host, 256) == 1
-    assert [_roi_pool.lanes_for(Device, c) for c in (1, 2, 3, 6, 20, 256)] == [
-        1, 2, 2, 4, 8, 8] and _roi_pool.CUDA_LANES == 8
+    assert _kernels.lanes_for(host, 256, _roi_pool.CUDA_LANES) == 1
+    assert [_kernels.lanes_for(Device, c, _roi_pool.CUDA_LANES) for c in (1, 2, 3, 6, 20, 256)
+            ] == [1, 2, 2, 4, 8, 8] and _roi_pool.CUDA_LANES == 8
     with pytest.raises(_validation.ArgumentError,
                        match="lanes must be a power of two from 1 to 32, got 3"):
         roi_run(host, roi_data, ROI, lanes=3)
@@ -124,7 +124,7 @@ def test_launch_block_fits_the_kernels_launch_bounds():
     must fit, and a whole number of warps."""
     text = _kernels.source("deform_roi_pool")
     assert "__launch_bounds__(256," in text
-    assert _kernels.BLOCK <= 256 and _kernels.BLOCK % _roi_pool.WARP == 0
+    assert _kernels.BLOCK <= 256 and _kernels.BLOCK % _kernels.WARP == 0
 
 
 def test_users_host_path_runs_one_lane_as_a_plain_loop(roi_data, monkeypatch):
