@@ -48,11 +48,18 @@ from cupydcn import _arrays, _deform_conv, _dispatch, _dtypes, _kernels
 _OP = "deform_conv2d"
 _FILE = "deform_conv_igemm"
 _KERNEL = "deform_conv_igemm"
+_GRAD_WEIGHT = "deform_conv_igemm_grad_weight"
+_GRAD_DATA = "deform_conv_igemm_grad_data"
 BLOCK = (128, 1, 1)
 TILE_M = TILE_N = 64
+CHUNK = 16  # channels of one tap per K step; K padded per tap to a multiple
 _MAX_GRID_YZ = 65535
 _MAX_GRID_X = 2**31 - 1
 _HALF = frozenset({"float16", "bfloat16"})
+# Blocks the weight gradient's split reduction aims for: on CUDA two per SM of an
+# H200 (132 SMs), enough to fill it whatever the tile count; on the host one per
+# worker (fewer splits, fewer atomics).
+CUDA_BLOCKS = 264
 
 
 def _grid(geo):
@@ -60,11 +67,28 @@ def _grid(geo):
     return (-(-M // TILE_M), -(-(geo.Cout // geo.groups) // TILE_N), geo.groups)
 
 
+def _padded_channels(geo):
+    """Cgp: channels per tap of the backward's K tiles (C/groups rounded up to CHUNK)."""
+    return -(-(geo.C // geo.groups) // CHUNK) * CHUNK
+
+
+def _k_tiles(geo):
+    return -(-(geo.kh * geo.kw * _padded_channels(geo)) // TILE_N)
+
+
+def _grad_data_grid(geo):
+    return (_grid(geo)[0] * _k_tiles(geo), 1, geo.groups)
+
+
 def _supports(geo):
     x, y, z = _grid(geo)
     if y > _MAX_GRID_YZ or z > _MAX_GRID_YZ or x > _MAX_GRID_X:
         return (f"its grid ({x}, {y}, {z}) of 64x64 output tiles exceeds CUDA's limits "
                 f"({_MAX_GRID_X}, {_MAX_GRID_YZ}, {_MAX_GRID_YZ})")
+    x = _grad_data_grid(geo)[0]
+    if x > _MAX_GRID_X:
+        return (f"its backward's grid of {x} 64x64 tiles (pixels x K) exceeds CUDA's limit "
+                f"{_MAX_GRID_X}")
     return None
 
 
@@ -75,9 +99,16 @@ def _index_bits(geo):
         geo.B * geo.offset_groups * 2 * taps * geo.Ho * geo.Wo,
         geo.B * geo.Cout * geo.Ho * geo.Wo,
         geo.Cout * geo.C // geo.groups * taps,
-        # the kernel's tile origins and row indices: below the padded extents
+        # the kernels' tile origins and row indices: below the padded extents
         (_grid(geo)[0] + 1) * TILE_M, (_grid(geo)[1] + 1) * TILE_N * geo.groups,
+        (_k_tiles(geo) + 1) * TILE_N * geo.groups, _grad_data_grid(geo)[0] + 1,
+        (geo.Cout // geo.groups + CHUNK) * (geo.C // geo.groups * taps + TILE_N) * geo.groups,
     )
+
+
+def _geometry_args(geo):
+    return [geo.B, geo.C, geo.H, geo.W, geo.Cout, geo.groups, geo.kh, geo.kw, *geo.stride,
+            *geo.padding, *geo.dilation, geo.Ho, geo.Wo, geo.offset_groups]
 
 
 def forward(backend, geo, input, offset, weight, bias=None, mask=None, tf32=False):
@@ -91,11 +122,60 @@ def forward(backend, geo, input, offset, weight, bias=None, mask=None, tf32=Fals
     # K tap-major: (Cout, kh, kw, C/groups), so a K tile is contiguous channels of one tap.
     weight_k = xp.ascontiguousarray(weight.transpose(0, 2, 3, 1))
     backend.launch(_FILE, _KERNEL, geo.dtype, _index_bits(geo), out.size,
-                   [input, offset, mask, weight_k, bias, out, geo.B, geo.C, geo.H, geo.W,
-                    geo.Cout, geo.groups, geo.kh, geo.kw, *geo.stride, *geo.padding,
-                    *geo.dilation, geo.Ho, geo.Wo, geo.offset_groups, int(tf32)],
+                   [input, offset, mask, weight_k, bias, out, *_geometry_args(geo), int(tf32)],
                    grid=_grid(geo), block=BLOCK)
     return out
+
+
+def splits_for(backend, geo):
+    """Pixels per block of the weight gradient's reduction (a multiple of CHUNK):
+    enough splits of the B*Ho*Wo pixels for CUDA_BLOCKS blocks on CUDA (the
+    workers on the host), at least one step of CHUNK pixels each."""
+    steps = -(-(geo.B * geo.Ho * geo.Wo) // CHUNK)
+    _, ntiles, groups = _grid(geo)
+    wanted = getattr(backend, "workers", None) if getattr(backend, "name", None) == "host" \
+        else CUDA_BLOCKS
+    splits = max(1, min(steps, -(-(wanted or 1) // (_k_tiles(geo) * ntiles * groups))))
+    return -(-steps // splits) * CHUNK
+
+
+def backward(backend, geo, grad_output, input, offset, weight, mask, wrt):
+    """The implicit-GEMM kernel path of deform_conv2d_backward; ``wrt`` a set
+    of GRADIENTS (see the module docstring)."""
+    xp = backend.xp
+    dtype, acc = geo.dtype.dtype, geo.dtype.acc
+    taps, cg = geo.kh * geo.kw, geo.C // geo.groups
+    grad_input = (_arrays.zeros_result(xp, input.shape, acc, result=acc == dtype)
+                  if "input" in wrt else None)
+    # offset, mask and weight: accumulated (atomics) in the accumulation type
+    grad_offset = xp.zeros(offset.shape, acc) if "offset" in wrt else None
+    grad_mask = xp.zeros(mask.shape, acc) if "mask" in wrt else None
+    grad_weight = xp.zeros((geo.Cout, geo.kh, geo.kw, cg), acc) if "weight" in wrt else None
+    grad_output, input, offset, mask = _kernels.contiguous(xp, grad_output, input, offset, mask)
+    grad_bias = (_arrays.result(xp, _deform_conv._bias_gradient(xp, geo, grad_output), dtype)
+                 if "bias" in wrt else None)
+    work = geo.B * geo.Ho * geo.Wo * geo.Cout
+    if work and grad_weight is not None:
+        per_split = splits_for(backend, geo)
+        splits = -(-(geo.B * geo.Ho * geo.Wo) // per_split)
+        backend.launch(_FILE, _GRAD_WEIGHT, geo.dtype, _index_bits(geo), work,
+                       [grad_output, input, offset, mask, grad_weight, *_geometry_args(geo),
+                        _padded_channels(geo), per_split],
+                       grid=(_k_tiles(geo) * splits, _grid(geo)[1], geo.groups), block=BLOCK)
+    if work and wrt & {"input", "offset", "mask"}:
+        # (groups, kh, kw, C/groups, Cout/groups): a K row holds its output channels.
+        weight_t = xp.ascontiguousarray(weight.reshape(
+            geo.groups, geo.Cout // geo.groups, cg, geo.kh, geo.kw).transpose(0, 3, 4, 2, 1))
+        backend.launch(_FILE, _GRAD_DATA, geo.dtype, _index_bits(geo), work,
+                       [grad_output, input, offset, mask, weight_t, grad_input, grad_offset,
+                        grad_mask, *_geometry_args(geo), _padded_channels(geo)],
+                       grid=_grad_data_grid(geo), block=BLOCK)
+    grad_offset, grad_mask = (None if g is None else _arrays.result(xp, g, dtype)
+                              for g in (grad_offset, grad_mask))
+    if grad_weight is not None:
+        grad_weight = xp.ascontiguousarray(grad_weight.transpose(0, 3, 1, 2))
+    return _deform_conv.finish_backward(xp, dtype, weight, grad_input, grad_offset, grad_weight,
+                                        grad_bias, grad_mask)
 
 
 def _forward(tf32):
@@ -105,8 +185,7 @@ def _forward(tf32):
 
 
 def _backward(backend, geo, a, wrt):
-    return _deform_conv.backward(backend, geo, a.grad_output, a.input, a.offset, a.weight,
-                                 a.mask, wrt, deterministic=False)
+    return backward(backend, geo, a.grad_output, a.input, a.offset, a.weight, a.mask, wrt)
 
 
 def _automatic(where, geo):
@@ -119,9 +198,10 @@ _dispatch.register(_dispatch.Implementation(
     "implicit_gemm", _OP, _KERNELS, deterministic=False, forward=_forward(False),
     backward=_backward, launch=_dispatch.Launch(_FILE, block=BLOCK), supports=_supports,
     priority=30, automatic=_automatic,
-    summary="implicit GEMM forward (bilinear samples built in shared memory, no columns "
-            "buffer; float16/bfloat16 on tensor cores, float32/float64 SIMT); backward: "
-            "the im2col backward (col2im with float atomics)"))
+    summary="implicit GEMMs, no columns buffer (samples built in shared memory; "
+            "float16/bfloat16 on tensor cores, float32/float64 SIMT): forward; backward: "
+            "weight gradient (pixels split across blocks, float atomics) and the data "
+            "gradient fused with its scatter to the input, offset and mask gradients"))
 _dispatch.register(_dispatch.Implementation(
     "implicit_gemm_tf32", _OP, _KERNELS, deterministic=False, forward=_forward(True),
     forward_tolerance_as="float16",
@@ -129,4 +209,5 @@ _dispatch.register(_dispatch.Implementation(
     dtypes=frozenset({"float32"}), supports=_supports, priority=-10,
     automatic=lambda where, geo: False,
     summary="implicit GEMM forward, float32 on tensor cores through TF32 (explicit "
-            "opt-in: inputs rounded to 10-bit mantissas); backward: the im2col backward"))
+            "opt-in: inputs rounded to 10-bit mantissas); backward: implicit_gemm's "
+            "(exact float32)"))
