@@ -43,7 +43,7 @@ blocks of 128 threads per SM from the registers): float16/bfloat16 91-96 /
 
 from __future__ import annotations
 
-from cupydcn import _arrays, _deform_conv, _dispatch, _dtypes, _kernels
+from cupydcn import _arrays, _deform_conv, _dispatch, _dtypes, _kernels, _validation
 
 _OP = "deform_conv2d"
 _FILE = "deform_conv_igemm"
@@ -139,9 +139,13 @@ def splits_for(backend, geo):
     return -(-steps // splits) * CHUNK
 
 
-def backward(backend, geo, grad_output, input, offset, weight, mask, wrt):
+def backward(backend, geo, grad_output, input, offset, weight, mask, wrt, per_split=None):
     """The implicit-GEMM kernel path of deform_conv2d_backward; ``wrt`` a set
-    of GRADIENTS (see the module docstring)."""
+    of GRADIENTS (see the module docstring); ``per_split`` (pixels per block of
+    the weight gradient, a positive int) overrides :func:`splits_for`."""
+    if per_split is not None and (not isinstance(per_split, int) or isinstance(per_split, bool)
+                                  or per_split < 1):
+        raise _validation.ArgumentError(f"per_split must be a positive int, got {per_split!r}")
     xp = backend.xp
     dtype, acc = geo.dtype.dtype, geo.dtype.acc
     taps, cg = geo.kh * geo.kw, geo.C // geo.groups
@@ -156,7 +160,7 @@ def backward(backend, geo, grad_output, input, offset, weight, mask, wrt):
                  if "bias" in wrt else None)
     work = geo.B * geo.Ho * geo.Wo * geo.Cout
     if work and grad_weight is not None:
-        per_split = splits_for(backend, geo)
+        per_split = splits_for(backend, geo) if per_split is None else per_split
         splits = -(-(geo.B * geo.Ho * geo.Wo) // per_split)
         backend.launch(_FILE, _GRAD_WEIGHT, geo.dtype, _index_bits(geo), work,
                        [grad_output, input, offset, mask, grad_weight, *_geometry_args(geo),
