@@ -1,33 +1,64 @@
-"""The implicit-GEMM forward of deform_conv2d (kernels/deform_conv_igemm.cu).
+"""The implicit-GEMM forward and backward of deform_conv2d (kernels/deform_conv_igemm.cu).
 
-No columns buffer: per weight group, tiles of 64 output pixels x 64 output
-channels, K = kh*kw*(C/groups) in steps of 16 channels of one tap. The A
-operand (mask * bilinear sample) is computed straight into shared memory (each
-thread's sampling position and bilinear weights once per (pixel, tap), reused
-over the channels), the B operand (the weight, permuted to (Cout, kh, kw,
-C/groups), a copy of the small weight) staged with cp.async; float16/bfloat16
-multiply on tensor cores (mma.sync m16n8k16, f32 accumulation), float32 and
-float64 with SIMT FMAs in their own type on the same tiling; bias in the
-epilogue, NCHW output written in place. Its workspace is the permuted weight
-only, independent of the batch.
+No columns buffer, in either direction. Every kernel is one 64 x 64 output tile
+per block of 128 threads, multiplied in steps of 16 along its reduction:
+float16/bfloat16 on tensor cores (mma.sync m16n8k16, f32 accumulation),
+float32 and float64 with SIMT FMAs in their own type on the same tiling.
+
+Forward: per weight group, tiles of 64 output pixels x 64 output channels, K =
+kh*kw*(C/groups) in steps of 16 channels of one tap. The A operand (mask *
+bilinear sample) is computed straight into shared memory (each thread's
+sampling position and bilinear weights once per (pixel, tap), reused over the
+channels), the B operand (the weight, permuted to (Cout, kh, kw, C/groups), a
+copy of the small weight) staged with cp.async; bias in the epilogue, NCHW
+output written in place. Its workspace is the permuted weight only,
+independent of the batch.
+
+Backward (docs/semantics.md section 2.6), two kernels and no columns or columns'
+gradient buffer; K padded per tap to a multiple of 16 channels (CHUNK):
+
+- ``deform_conv_igemm_grad_weight``: grad_W = grad_out @ S over the B*Ho*Wo
+  pixels, S the forward's A values (mask * bilinear sample, built per step of
+  16 pixels in shared memory by the forward's own device functions). Tiles of
+  64 output channels x 64 k; the pixels split across blocks (:func:`splits_for`:
+  about CUDA_BLOCKS blocks on CUDA, one per worker on the host), each block's
+  tile added to a (Cout, kh, kw, C/groups) accumulation-type buffer with
+  atomics: memory independent of the batch.
+- ``deform_conv_igemm_grad_data``: per tile of 64 pixels x 64 k, grad_S =
+  grad_out^T @ W reduced over Cout/groups in the block (the weight permuted to
+  (groups, kh, kw, C/groups, Cout/groups), staged with cp.async), never written
+  out: the epilogue, per (pixel, 16-channel chunk of one tap), computes the
+  sampling position and bilinear weights once per offset group, scatters
+  grad * mask * corner weight into the input gradient (float atomics in the
+  accumulation type, as ``im2col_fused``) and sums the offset and mask
+  gradients over the chunk's channels, added with atomics to accumulation-type
+  buffers converted to the dtype at the end.
+
+The bias gradient is ``_deform_conv``'s (a GEMM with a ones vector). Floating-
+point atomics make the backward non-deterministic (``deterministic=False``:
+under ``deterministic=True`` the dispatcher refuses it by name and chooses a
+deterministic implementation automatically). ``implicit_gemm_tf32``
+shares this backward in exact float32 (SIMT): TF32 is only its forward's opt-in.
 
 Two implementations: ``implicit_gemm`` (every dtype, exact float32) and
-``implicit_gemm_tf32`` (float32 on tensor cores through TF32, m16n8k8: inputs
-rounded to 10-bit mantissas; an explicit opt-in, never chosen automatically).
-Their backward is the im2col backward (``_deform_conv.backward``, float atomics
-in col2im); the implicit-GEMM backward is another implementation.
+``implicit_gemm_tf32`` (float32 forward on tensor cores through TF32, m16n8k8:
+inputs rounded to 10-bit mantissas; an explicit opt-in, never chosen
+automatically).
 
 The automatic choice (a heuristic from a roofline prediction, until GPU
 measurements replace it): ``implicit_gemm`` for float16 and bfloat16 on CUDA,
 ``im2col`` elsewhere.
 - float16/bfloat16 on CUDA: im2col writes and reads a columns buffer of
-  B*Ho*Wo*C*kh*kw floats (B8 C256 64x64 3x3: 302 MB, ~125 us of HBM traffic on
+  B*Ho*Wo*C*kh*kw floats (B8 C256 64x64: 302 MB, ~125 us of HBM traffic on
   an H200 at 4.8 TB/s, before its GEMM) where this kernel moves ~40 MB (input,
   offsets, mask, weight, output); its GEMM runs on tensor cores. The sample
   build (4 gathers and ~10 FMAs per A element, repeated once per 64-channel
   tile of N) is the predicted bound, ~1-2x the mma time for this simple
   single-buffered 64x64 tile: forward predicted 2-4x cuDNN's dense bf16
-  convolution, 5-10x faster than torchvision's forward.
+  convolution, 5-10x faster than torchvision's forward. The backward is
+  predicted ~0.8x the speed of the im2col backward (benchmarks/NOTES.md: the
+  weight gradient re-samples per 64-channel Cout tile, the data gradient's
+  atomics are not aggregated); it is kept for its memory (no columns buffers).
 - float32/float64: the SIMT GEMM of this kernel (~60 TFLOP/s peak f32, reached
   at perhaps a third by a 64x64 tile without register blocking beyond 4x8)
   is predicted no faster than cuBLAS on the columns buffer for large C, so
@@ -35,10 +66,13 @@ measurements replace it): ``implicit_gemm`` for float16 and bfloat16 on CUDA,
 - the host CPU: the tiled kernel runs its threads as fibers with barriers,
   slower than im2col's plain loops and NumPy's BLAS: im2col stays the choice.
 
-Resources (nvcc 13 --resource-usage, 32/64-bit indices, no spills anywhere;
-blocks of 128 threads per SM from the registers): float16/bfloat16 91-96 /
-120-124 registers (5 / 4 blocks), 6 KiB static shared memory; float32 168
-(3 blocks), 12 KiB; float64 170-204 (2 blocks), 24 KiB.
+Resources (nvcc 13 --resource-usage, sm_80 / sm_90, 32-bit / 64-bit indices, no
+spills anywhere; benchmarks/NOTES.md has blocks per SM):
+forward float16/bfloat16 92-95 / 128 registers, 6 KiB static shared memory;
+float32 166-168, 12 KiB; float64 170-212, 24 KiB. grad_weight float16/bfloat16
+96-106 / 126-130, 6 KiB; float32 128 / 151-168, 12 KiB; float64 166-178 /
+190-198, 24 KiB. grad_data float16/bfloat16 92-96 / 124-126, 14.25 KiB;
+float32 128 / 164, 20.25 KiB; float64 148-158 / 168-180, 40.5 KiB.
 """
 
 from __future__ import annotations
