@@ -86,6 +86,8 @@ _GRAD_WEIGHT = "deform_conv_igemm_grad_weight"
 _GRAD_DATA = "deform_conv_igemm_grad_data"
 BLOCK = (128, 1, 1)
 TILE_M = TILE_N = 64
+GRAD_WEIGHT_BLOCK = (256, 1, 1)  # its tile: 128 output channels x 64 k
+GRAD_WEIGHT_ROWS = 128
 CHUNK = 16  # channels of one tap per K step; K padded per tap to a multiple
 _MAX_GRID_YZ = 65535
 _MAX_GRID_X = 2**31 - 1
@@ -114,6 +116,10 @@ def _grad_data_grid(geo):
     return (_grid(geo)[0] * _k_tiles(geo), 1, geo.groups)
 
 
+def _grad_weight_rows(geo):
+    return -(-(geo.Cout // geo.groups) // GRAD_WEIGHT_ROWS)
+
+
 def _supports(geo):
     x, y, z = _grid(geo)
     if y > _MAX_GRID_YZ or z > _MAX_GRID_YZ or x > _MAX_GRID_X:
@@ -136,6 +142,7 @@ def _index_bits(geo):
         # the kernels' tile origins and row indices: below the padded extents
         (_grid(geo)[0] + 1) * TILE_M, (_grid(geo)[1] + 1) * TILE_N * geo.groups,
         (_k_tiles(geo) + 1) * TILE_N * geo.groups, _grad_data_grid(geo)[0] + 1,
+        (_grad_weight_rows(geo) + 1) * GRAD_WEIGHT_ROWS * geo.groups,
         (geo.Cout // geo.groups + CHUNK) * (geo.C // geo.groups * taps + TILE_N) * geo.groups,
     )
 
@@ -166,10 +173,10 @@ def splits_for(backend, geo):
     enough splits of the B*Ho*Wo pixels for CUDA_BLOCKS blocks on CUDA (the
     workers on the host), at least one step of CHUNK pixels each."""
     steps = -(-(geo.B * geo.Ho * geo.Wo) // CHUNK)
-    _, ntiles, groups = _grid(geo)
+    tiles = _k_tiles(geo) * _grad_weight_rows(geo) * geo.groups
     wanted = getattr(backend, "workers", None) if getattr(backend, "name", None) == "host" \
         else CUDA_BLOCKS
-    splits = max(1, min(steps, -(-(wanted or 1) // (_k_tiles(geo) * ntiles * groups))))
+    splits = max(1, min(steps, -(-(wanted or 1) // tiles)))
     return -(-steps // splits) * CHUNK
 
 
@@ -199,7 +206,8 @@ def backward(backend, geo, grad_output, input, offset, weight, mask, wrt, per_sp
         backend.launch(_FILE, _GRAD_WEIGHT, geo.dtype, _index_bits(geo), work,
                        [grad_output, input, offset, mask, grad_weight, *_geometry_args(geo),
                         _padded_channels(geo), per_split],
-                       grid=(_k_tiles(geo) * splits, _grid(geo)[1], geo.groups), block=BLOCK)
+                       grid=(_k_tiles(geo) * splits, _grad_weight_rows(geo), geo.groups),
+                       block=GRAD_WEIGHT_BLOCK)
     if work and wrt & {"input", "offset", "mask"}:
         # (groups, kh, kw, C/groups, Cout/groups): a K row holds its output channels.
         weight_t = xp.ascontiguousarray(weight.reshape(

@@ -7,8 +7,9 @@
 // bilinear(input) is the deformed sample of channel c at tap `tap` for pixel m (the
 // im2col column). Every kernel is the same 64 x 64 output tile, 128 threads (4 warps,
 // 2 x 2, warp w its 32 x 32 quarter: rows 32 (w % 2), columns 32 (w / 2), as 2 x 4 m16n8
-// fragments), multiplying a_tile (64 rows x 16) by b_tile (64 columns x 16) in steps of
-// 16 along the reduction (`multiply` below):
+// fragments; the weight gradient's tile is 128 rows, 8 warps), multiplying a_tile (64
+// rows x 16) by b_tile (64 columns x 16) in steps of 16 along the reduction (`multiply`
+// below):
 // - float16 / bfloat16: mma.sync m16n8k16 on the storage type (fragments by ldmatrix),
 //   f32 accumulation (operands rounded to the storage type once, in shared memory);
 // - float32 with tf32 != 0 (forward only, the opt-in `implicit_gemm_tf32`): mma.sync
@@ -27,12 +28,14 @@
 // every channel. The epilogue adds the bias and writes NCHW directly.
 //
 // deform_conv_igemm_grad_weight: grad_W[n, k] = sum_m grad_out[n, m] S[m, k], the
-// reduction over pixels split across blocks. Grid (ceil(Kp/64) * splits, ceil(N/64),
-// groups), Kp = taps*Cgp: block x covers K tile x % ktiles and the pixels
+// reduction over pixels split across blocks. Its tile is 128 output channels x 64 k
+// (256 threads, 8 warps, 4 x 2): S is re-made per tile of output channels, so the
+// taller tile halves that work. Grid (ceil(Kp/64) * splits, ceil(N/128), groups),
+// Kp = taps*Cgp: block x covers K tile x % ktiles and the pixels
 // [split * per_split, (split + 1) * per_split), split = x / ktiles. Per step of 16
 // pixels, a_tile[n][p] = grad_out (thread t: row t / 2, pixels 8 (t % 2) + [0, 8)) and
-// b_tile[k][p] = S[p, k], built as the forward builds A (thread t: pixel t % 16, 8
-// channels of chunk (t / 16) / 2). The epilogue adds the tile to grad_W (the
+// b_tile[k][p] = S[p, k], built as the forward builds A (thread t: pixel t % 16, 4
+// channels of chunk (t / 16) / 4). The epilogue adds the tile to grad_W (the
 // accumulation type, (Cout, kh, kw, C/groups)) with atomics: memory independent of B.
 //
 // deform_conv_igemm_grad_data: per tile of 64 pixels x 64 k, grad_S[m, k] = sum_n
@@ -194,8 +197,8 @@ __device__ __forceinline__ void stage_row(S& tile, int row, int col, const T* __
 
 // acc[mi][ni] += a_tile[rows][0..16) . b_tile[columns][0..16) for this warp's quarter
 // (rows wm + 16 mi + ..., columns wn + 8 ni + ...): the fragment layouts of common.cuh.
-template <typename T, typename S, typename A>
-__device__ __forceinline__ void multiply(A (&acc)[2][4][4], S& a_tile, S& b_tile, int wm,
+template <typename T, typename SA, typename SB, typename A>
+__device__ __forceinline__ void multiply(A (&acc)[2][4][4], SA& a_tile, SB& b_tile, int wm,
                                          int wn, int lane, bool use_tf32) {
   constexpr bool kHalfMma = is_half<T>::value && DCN_IGEMM_SM80;
   constexpr bool kTf32 = is_float<T>::value && DCN_IGEMM_SM80;
@@ -419,7 +422,7 @@ deform_conv_igemm(const T* __restrict__ input, const T* __restrict__ offset,
 }
 
 template <typename T, typename I>
-__global__ void __launch_bounds__(128, dcn_igemm::is_half<T>::value ? 3 : 1)
+__global__ void __launch_bounds__(2 * 128, 1)
 deform_conv_igemm_grad_weight(const T* __restrict__ grad_out, const T* __restrict__ input,
                               const T* __restrict__ offset, const T* __restrict__ mask,
                               typename dcn_acc<T>::type* __restrict__ grad_weight, I B, I C,
@@ -428,11 +431,11 @@ deform_conv_igemm_grad_weight(const T* __restrict__ grad_out, const T* __restric
                               I Cgp, I per_split) {
   using namespace dcn_igemm;
   typedef typename dcn_acc<T>::type A;
-  DCN_SHARED(T, a_tile, BM * LDS);  // grad_out[n][p]: 64 output channels x 16 pixels
+  DCN_SHARED(T, a_tile, 2 * BM * LDS);  // grad_out[n][p]: 128 output channels x 16 pixels
   DCN_SHARED(T, b_tile, BN * LDS);  // S[k][p]: 64 k x 16 pixels
   const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32;
   const int g = lane / 4, t = lane % 4;
-  const int wm = 32 * (warp % 2), wn = 32 * (warp / 2);
+  const int wm = 32 * (warp % 4), wn = 32 * (warp / 4);  // 8 warps, 4 x 2
   const I taps = kh * kw;
   const Geometry<I> geo = {C, H, W, kw, taps, stride_h, stride_w, pad_h, pad_w,
                            dil_h, dil_w, Ho, Wo, offset_groups};
@@ -441,7 +444,7 @@ deform_conv_igemm_grad_weight(const T* __restrict__ grad_out, const T* __restric
   const I cpg = C / offset_groups;
   const I ktiles = (taps * Cgp + BN - 1) / BN;
   const I gi = (I)blockIdx.z;
-  const I k0 = ((I)blockIdx.x % ktiles) * BN, n0 = (I)blockIdx.y * BM;
+  const I k0 = ((I)blockIdx.x % ktiles) * BN, n0 = (I)blockIdx.y * 2 * BM;
   const I p_begin = ((I)blockIdx.x / ktiles) * per_split;
   const I p_end = M - p_begin < per_split ? M : p_begin + per_split;
 
@@ -450,9 +453,9 @@ deform_conv_igemm_grad_weight(const T* __restrict__ grad_out, const T* __restric
   const I arow = n0 + an;
   const bool arow_valid = arow < Coutg;
   const I ochannel = gi * Coutg + (arow_valid ? arow : 0);
-  // Samples: thread t builds pixel t % 16 of 8 k columns (t / 16) * 8 + [0, 8), all in
+  // Samples: thread t builds pixel t % 16 of 4 k columns (t / 16) * 4 + [0, 4), all in
   // one chunk of 16 channels of one tap.
-  const int bp = tid % BK, bkc = (tid / BK) * 8;
+  const int bp = tid % BK, bkc = (tid / BK) * 4;
   const KIndex<I> kb = k_index(k0, bkc, Cgp, Cg, taps);
 
   A acc[2][4][4];
@@ -473,7 +476,7 @@ deform_conv_igemm_grad_weight(const T* __restrict__ grad_out, const T* __restric
                                         : dcn_store<T>((A)0);
       }
     }
-    // ---- B: S[p0 + bp][k0 + bkc .. + 8], the forward's A values
+    // ---- B: S[p0 + bp][k0 + bkc .. + 4], the forward's A values
     {
       const I m = p0 + bp;
       const bool valid = kb.valid && m < p_end;
@@ -481,7 +484,7 @@ deform_conv_igemm_grad_weight(const T* __restrict__ grad_out, const T* __restric
       const I oy = pp / Wo, ox = pp % Wo;
       I cached_og = -1;
       Tap<I, A> s;
-      for (int e = 0; e < 8; ++e) {
+      for (int e = 0; e < 4; ++e) {
         const I c = kb.c + e;
         A v = (A)0;
         if (valid && c < Cg) {

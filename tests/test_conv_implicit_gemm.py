@@ -46,6 +46,8 @@ CASES = {
     # Cout/groups 16: the backward's 16-byte weight copies for the half types; Cg = 8 (a
     # K chunk half padding), C/og = 4 (the offset group changes inside a chunk), M = 84
     "cout 16": (2, 8, 6, 7, 16, 3, 3, 1, 2, (1, 1), (1, 1), (1, 1), True, True),
+    # Cout 130: three forward N tiles and two of the weight gradient's 128-row tiles
+    "tall": (1, 5, 4, 5, 130, 1, 2, 1, 1, (1, 1), (0, 1), (1, 1), True, False),
 }
 TF32 = "tf32"
 
@@ -109,13 +111,21 @@ MUTATED_DTYPE = {"A fragment row off by one (ldmatrix)": numpy.float16,
                  "missing cp.async wait": numpy.float16}
 
 
+def _mutation_backend(text=None):
+    """The host backend of the mutation runs (checks on, one worker, a fixed seed),
+    on ``text`` as the kernel file; built unoptimised (-O0): the runs are tiny, the
+    build is most of their time."""
+    sources = None if text is None else {"deform_conv_igemm": text}
+    return _kernels.HostBackend(checks=True, workers=1, seed=5, sources=sources,
+                                flags=("-O0",))
+
+
 @pytest.mark.parametrize("mutation", sorted(MUTATIONS))
 def test_each_mutation_fails(mutation):
     old, new = MUTATIONS[mutation]
     text = _kernels.source("deform_conv_igemm")
     assert text.count(old) == 1, f"the mutation's line is gone: {old!r}"
-    backend = _kernels.HostBackend(checks=True, workers=1, seed=5,
-                                   sources={"deform_conv_igemm": text.replace(old, new)})
+    backend = _mutation_backend(text.replace(old, new))
     dtype = MUTATED_DTYPE.get(mutation, numpy.float32)
     tf32 = dtype == TF32
     if dtype == "bfloat16":
@@ -133,7 +143,7 @@ def test_each_mutation_fails(mutation):
 def test_unmutated_kernel_passes_the_mutation_runs():
     """The runs above fail because of the mutations: unmutated, the same
     backend settings pass in every dtype they use."""
-    backend = _kernels.HostBackend(checks=True, workers=1, seed=5)
+    backend = _mutation_backend()
     for dtype in (*DTYPES, TF32):
         tf32 = dtype == TF32
         dtype = numpy.float32 if tf32 else dtype
@@ -243,9 +253,6 @@ BACKWARD_MUTATED_DTYPE = {"missing cp.async wait (data)": numpy.float16}
 BACKWARD_MUTATED_CASE = {"barrier removed (data tiles consumed)": "tile edges"}
 
 
-def _mutation_backend(text=None):
-    sources = None if text is None else {"deform_conv_igemm": text}
-    return _kernels.HostBackend(checks=True, workers=1, seed=5, sources=sources)
 
 
 @pytest.mark.parametrize("mutation", sorted(BACKWARD_MUTATIONS))
