@@ -90,14 +90,14 @@ def model(B, C, H, W, dtype, dg=1):
                                        sample_rate=SAMPLES_NHWC) * 1.15
     # ---- implicit GEMM backward (kernels/deform_conv_igemm.cu), two kernels:
     # dW = grad_out @ S over pixels split across blocks, the samples S re-made per
-    # 64-channel Cout tile as the forward makes them, tiles added with atomics
-    # (CUDA_BLOCKS x 64 x 64 of them: negligible); the data gradient grad_out^T @ W per
+    # 128-channel Cout tile as the forward makes them, tiles added with atomics
+    # (CUDA_BLOCKS x 128 x 64 of them: negligible); the data gradient grad_out^T @ W per
     # 64 x 64 tile of (pixels, K), reduced over Cout in the block, its epilogue one
     # sample (4 gathers) per (pixel, k) and 4 input atomics, not aggregated, plus 3
     # offset/mask atomics per (pixel, 16-channel chunk); the input gradient zeroed in
     # float32 and converted, as every kernel path.
     r["implicit_gemm", "bwd"] = (t(x + offmask + out, gflop, rate if half else SIMT,
-                                   samples=S * tiles) * 1.15
+                                   samples=S * math.ceil(Cout / 128)) * 1.15
                                  + t(out + x + offmask, gflop, rate if half else SIMT,
                                      samples=S, atomics=atomics + 3 * K * P / 16) * 1.15
                                  + t(gin))

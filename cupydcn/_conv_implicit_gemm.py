@@ -1,7 +1,8 @@
 """The implicit-GEMM forward and backward of deform_conv2d (kernels/deform_conv_igemm.cu).
 
 No columns buffer, in either direction. Every kernel is one 64 x 64 output tile
-per block of 128 threads, multiplied in steps of 16 along its reduction:
+per block of 128 threads (the weight gradient's: 128 x 64, 256 threads),
+multiplied in steps of 16 along its reduction:
 float16/bfloat16 on tensor cores (mma.sync m16n8k16, f32 accumulation),
 float32 and float64 with SIMT FMAs in their own type on the same tiling.
 
@@ -20,7 +21,8 @@ gradient buffer; K padded per tap to a multiple of 16 channels (CHUNK):
 - ``deform_conv_igemm_grad_weight``: grad_W = grad_out @ S over the B*Ho*Wo
   pixels, S the forward's A values (mask * bilinear sample, built per step of
   16 pixels in shared memory by the forward's own device functions). Tiles of
-  64 output channels x 64 k; the pixels split across blocks (:func:`splits_for`:
+  128 output channels x 64 k (S is re-made per tile of output channels: the
+  taller tile halves that work); the pixels split across blocks (:func:`splits_for`:
   about CUDA_BLOCKS blocks on CUDA, one per worker on the host), each block's
   tile added to a (Cout, kh, kw, C/groups) accumulation-type buffer with
   atomics: memory independent of the batch.
@@ -56,9 +58,10 @@ measurements replace it): ``implicit_gemm`` for float16 and bfloat16 on CUDA,
   tile of N) is the predicted bound, ~1-2x the mma time for this simple
   single-buffered 64x64 tile: forward predicted 2-4x cuDNN's dense bf16
   convolution, 5-10x faster than torchvision's forward. The backward is
-  predicted ~0.8x the speed of the im2col backward (benchmarks/NOTES.md: the
-  weight gradient re-samples per 64-channel Cout tile, the data gradient's
-  atomics are not aggregated); it is kept for its memory (no columns buffers).
+  predicted about as fast as the im2col backward (0.9x for the half types,
+  1.2x for float32, benchmarks/NOTES.md section 5: the weight gradient
+  re-samples per 128-channel Cout tile, the data gradient's atomics are not
+  aggregated); its gain is memory (no columns buffers).
 - float32/float64: the SIMT GEMM of this kernel (~60 TFLOP/s peak f32, reached
   at perhaps a third by a 64x64 tile without register blocking beyond 4x8)
   is predicted no faster than cuBLAS on the columns buffer for large C, so
@@ -69,9 +72,9 @@ measurements replace it): ``implicit_gemm`` for float16 and bfloat16 on CUDA,
 Resources (nvcc 13 --resource-usage, sm_80 / sm_90, 32-bit / 64-bit indices, no
 spills anywhere; benchmarks/NOTES.md has blocks per SM):
 forward float16/bfloat16 92-95 / 128 registers, 6 KiB static shared memory;
-float32 166-168, 12 KiB; float64 170-212, 24 KiB. grad_weight float16/bfloat16
-96-106 / 126-130, 6 KiB; float32 128 / 151-168, 12 KiB; float64 166-178 /
-190-198, 24 KiB. grad_data float16/bfloat16 92-96 / 124-126, 14.25 KiB;
+float32 166-168, 12 KiB; float64 170-212, 24 KiB. grad_weight (256 threads)
+float16/bfloat16 95-106 / 128-130, 9 KiB; float32 128 / 168, 18 KiB; float64
+158-168 / 182-192, 36 KiB. grad_data float16/bfloat16 92-96 / 124-126, 14.25 KiB;
 float32 128 / 164, 20.25 KiB; float64 148-158 / 168-180, 40.5 KiB.
 """
 
