@@ -71,7 +71,8 @@ constexpr int LDS = BK + 8;  // shared row stride: 16-byte rows, fewer bank conf
 constexpr int GLD = 32 + 1;  // row stride of the data gradient's staged half tile
 // __launch_bounds__(128, 3 for the half types, else 1): the register budget with no
 // spills (nvcc --resource-usage, sm_80 and sm_90): at most 170 registers for the half
-// types (3+ blocks of 4 warps per SM), up to 255 for the float32/float64 SIMT tile.
+// types (3+ blocks of 4 warps per SM), up to 255 for the float32/float64 SIMT tile. The
+// weight gradient's 256 threads: (256, 1), up to 255 (its 64-bit half builds need 130).
 template <typename T> struct is_half { static constexpr bool value = false; };
 template <> struct is_half<dcn_half> { static constexpr bool value = true; };
 template <> struct is_half<dcn_bfloat16> { static constexpr bool value = true; };
