@@ -92,20 +92,28 @@ def model(B, C, H, W, dtype, dg=1):
                                + t(gin) + t(x + offmask + cols, samples=S,
                                             sample_rate=SAMPLES_NHWC)
                                + t(cols + out, gflop, rate))
-    # ---- implicit GEMM forward: the samples made in shared memory per tile of 128
-    # output channels (re-sampled per Cout tile), overlapped with the MMAs
-    tiles = math.ceil(Cout / 128)
+    # ---- implicit GEMM forward: the samples made in shared memory per tile of 64
+    # output channels (the kernel's N tile: re-sampled per Cout tile), overlapped with
+    # the MMAs
+    tiles = math.ceil(Cout / 64)
     r["implicit_gemm", "fwd"] = t(x + offmask + out, gflop, rate if half else SIMT,
                                   samples=S * tiles) * 1.15
     r["implicit_gemm NHWC", "fwd"] = t(x + offmask + out, gflop, rate if half else SIMT,
-                                       samples=S * tiles, sample_rate=SAMPLES_NHWC) * 1.15
-    # ---- implicit GEMM backward: grad_columns per tile in registers, scattered with
-    # aggregated atomics, offset/mask gradients in the same pass; dW as an implicit
-    # GEMM over re-sampled tiles
-    r["implicit_gemm", "bwd"] = (t(out + x + offmask, gflop, rate if half else SIMT,
-                                   samples=S * tiles, atomics=atomics / 2) * 1.15
-                                 + t(x + offmask + out, gflop, rate if half else SIMT,
-                                     samples=S) * 1.15 + t(gin))
+                                       samples=S * math.ceil(Cout / 128),  # its planned tile
+                                       sample_rate=SAMPLES_NHWC) * 1.15
+    # ---- implicit GEMM backward (kernels/deform_conv_igemm.cu), two kernels:
+    # dW = grad_out @ S over pixels split across blocks, the samples S re-made per
+    # 128-channel Cout tile as the forward makes them, tiles added with atomics
+    # (CUDA_BLOCKS x 128 x 64 of them: negligible); the data gradient grad_out^T @ W per
+    # 64 x 64 tile of (pixels, K), reduced over Cout in the block, its epilogue one
+    # sample (4 gathers) per (pixel, k) and 4 input atomics, not aggregated, plus 3
+    # offset/mask atomics per (pixel, 16-channel chunk); the input gradient zeroed in
+    # float32 and converted, as every kernel path.
+    r["implicit_gemm", "bwd"] = (t(x + offmask + out, gflop, rate if half else SIMT,
+                                   samples=S * math.ceil(Cout / 128)) * 1.15
+                                 + t(out + x + offmask, gflop, rate if half else SIMT,
+                                     samples=S, atomics=atomics + 3 * K * P / 16) * 1.15
+                                 + t(gin))
     return r, gflop
 
 
@@ -149,5 +157,35 @@ def main():
               f"| ({g['ig']:.1f}) | ({g['nhwc']:.2f}) | ({g['cl_fwd']:.2f}; {g['cl_fb']:.1f}) |")
 
 
+def backward_table():
+    """The backward alone (ms, H200) of each NCHW implementation, and the
+    implicit GEMM's forward+backward against the anchors (tv x = torchvision
+    time / cupydcn time; cuDNN ratio = cupydcn time / cuDNN time)."""
+    for dtype in ("float32", "float16", "bfloat16"):
+        print(f"\n{dtype}\n")
+        print("| case | im2col bwd | im2col_fused bwd | implicit_gemm bwd (x im2col) "
+              "| implicit_gemm f+b | tv f+b x | cuDNN f+b ratio |")
+        print("|---|---|---|---|---|---|---|")
+        logs = {k: [] for k in ("im2col", "tv", "cudnn")}
+        for (B, C, H, W), anchor in ANCHORS.items():
+            r, _ = model(B, C, H, W, dtype)
+            _, tv_fb32, cudnn_fb32, tv_fb16, cudnn_fb16 = (a / 1e3 for a in anchor)
+            tv_fb = tv_fb32 if dtype == "float32" else tv_fb16
+            cudnn_fb = cudnn_fb32 if dtype == "float32" else cudnn_fb16
+            bwd = r["implicit_gemm", "bwd"]
+            fb = r["implicit_gemm", "fwd"] + bwd
+            ratios = dict(im2col=r["im2col", "bwd"] / bwd, tv=tv_fb / fb, cudnn=fb / cudnn_fb)
+            for k, v in ratios.items():
+                logs[k].append(math.log(v))
+            ms = lambda v: f"{v * 1e3:.2f}"  # noqa: E731
+            print(f"| B{B} C{C} {H}x{W} | {ms(r['im2col', 'bwd'])} "
+                  f"| {ms(r['im2col_fused', 'bwd'])} | {ms(bwd)} ({ratios['im2col']:.1f}) "
+                  f"| {ms(fb)} | {ratios['tv']:.1f} | {ratios['cudnn']:.1f} |")
+        g = {k: math.exp(sum(v) / len(v)) for k, v in logs.items()}
+        print(f"| geometric mean | | | ({g['im2col']:.1f}) | | {g['tv']:.1f} "
+              f"| {g['cudnn']:.1f} |")
+
+
 if __name__ == "__main__":
     main()
+    backward_table()

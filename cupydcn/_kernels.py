@@ -52,7 +52,8 @@ KERNELS = {
                           "deform_psroi_pool_backward_trans", "deform_psroi_pool_sample_keys",
                           "deform_psroi_pool_backward_input_gather",
                           "deform_psroi_pool_backward_trans_gather"),
-    "deform_conv_igemm": ("deform_conv_igemm",),
+    "deform_conv_igemm": ("deform_conv_igemm", "deform_conv_igemm_grad_weight",
+                          "deform_conv_igemm_grad_data"),
 }
 
 BLOCK = 256

@@ -1,4 +1,5 @@
-"""The implicit-GEMM forward (kernels/deform_conv_igemm.cu, cupydcn/_conv_implicit_gemm.py).
+"""The implicit-GEMM forward and backward (kernels/deform_conv_igemm.cu,
+cupydcn/_conv_implicit_gemm.py).
 
 The kernel runs on the host backend with its checks on (the ``host`` fixture:
 shared-memory races, poisoned shared memory, late cp.async copies, varied
@@ -8,7 +9,13 @@ channel chunk, stride / dilation / padding, non-square kernels, C/groups not a
 multiple of the K tile of 16 (and a multiple of 8, where the half types' weight
 goes through 16-byte cp.async copies), in every dtype and through TF32. Each
 mutation of the kernel (a barrier removed, a fragment index off by one, a
-missing cp.async wait) must fail a run. The public API routes through the
+missing cp.async wait) must fail a run. The backward's kernels (the weight
+gradient with its pixels split across blocks, the data gradient fused with the
+input / offset / mask scatter) run the same way, every gradient against the
+reference in every dtype, with splits of one step and splits that cross images,
+each gradient asked alone, an empty batch, and mutations of their own (barriers,
+the cp.async wait, a tap, a fragment column or a channel off by one, sums not
+reset between offset groups). The public API routes through the
 dispatcher (tests/test_implementations.py runs it on the shared problem);
 here, its automatic choice. NVRTC compiles the file for sm_70/80/90
 (tests/test_nvrtc.py); nvcc, where installed, shows no register spills.
@@ -22,9 +29,10 @@ import numpy
 import pytest
 
 import cupydcn
-from cupydcn import _conv_implicit_gemm, _dispatch, _dtypes, _kernels, _validation, reference
+from cupydcn import (_conv_implicit_gemm, _deform_conv, _dispatch, _dtypes, _kernels,
+                     _validation, reference)
 from helpers import DTYPES, assert_close, dtype_name
-from test_deform_conv import make_case
+from test_deform_conv import make_case, reference_results
 
 # (B, C, H, W, Cout, kh, kw, groups, offset_groups, stride, padding, dilation, mask, bias)
 CASES = {
@@ -35,6 +43,11 @@ CASES = {
     "groups": (3, 20, 9, 8, 6, 3, 2, 2, 5, (2, 1), (1, 0), (1, 2), False, True),
     # Cg = 24: a full chunk of 16 then 8 (16-byte weight copies for the half types); Cout 9
     "chunks": (1, 24, 6, 5, 9, 2, 3, 1, 2, (1, 2), (0, 1), (2, 1), True, False),
+    # Cout/groups 16: the backward's 16-byte weight copies for the half types; Cg = 8 (a
+    # K chunk half padding), C/og = 4 (the offset group changes inside a chunk), M = 84
+    "cout 16": (2, 8, 6, 7, 16, 3, 3, 1, 2, (1, 1), (1, 1), (1, 1), True, True),
+    # Cout 130: three forward N tiles and two of the weight gradient's 128-row tiles
+    "tall": (1, 5, 4, 5, 130, 1, 2, 1, 1, (1, 1), (0, 1), (1, 1), True, False),
 }
 TF32 = "tf32"
 
@@ -98,13 +111,21 @@ MUTATED_DTYPE = {"A fragment row off by one (ldmatrix)": numpy.float16,
                  "missing cp.async wait": numpy.float16}
 
 
+def _mutation_backend(text=None):
+    """The host backend of the mutation runs (checks on, one worker, a fixed seed),
+    on ``text`` as the kernel file; built unoptimised (-O0): the runs are tiny, the
+    build is most of their time."""
+    sources = None if text is None else {"deform_conv_igemm": text}
+    return _kernels.HostBackend(checks=True, workers=1, seed=5, sources=sources,
+                                flags=("-O0",))
+
+
 @pytest.mark.parametrize("mutation", sorted(MUTATIONS))
 def test_each_mutation_fails(mutation):
     old, new = MUTATIONS[mutation]
     text = _kernels.source("deform_conv_igemm")
     assert text.count(old) == 1, f"the mutation's line is gone: {old!r}"
-    backend = _kernels.HostBackend(checks=True, workers=1, seed=5,
-                                   sources={"deform_conv_igemm": text.replace(old, new)})
+    backend = _mutation_backend(text.replace(old, new))
     dtype = MUTATED_DTYPE.get(mutation, numpy.float32)
     tf32 = dtype == TF32
     if dtype == "bfloat16":
@@ -122,12 +143,141 @@ def test_each_mutation_fails(mutation):
 def test_unmutated_kernel_passes_the_mutation_runs():
     """The runs above fail because of the mutations: unmutated, the same
     backend settings pass in every dtype they use."""
-    backend = _kernels.HostBackend(checks=True, workers=1, seed=5)
+    backend = _mutation_backend()
     for dtype in (*DTYPES, TF32):
         tf32 = dtype == TF32
         dtype = numpy.float32 if tf32 else dtype
         out, ref = _run(backend, CASES["chunks"], dtype, tf32)
         assert_close(out, ref, numpy.float16 if tf32 else dtype)
+
+
+# ---------------------------------------------------------------- backward
+
+def _run_backward(backend, case, dtype, wrt=_deform_conv.GRADIENTS, per_split=None):
+    """(wrt, the kernels' gradients, the reference's) of ``case`` in ``dtype``."""
+    typed, exact, params = make_case(case, dtype)
+    geo = _geometry(typed, params)
+    wrt = _validation.check_wrt(wrt, _deform_conv.GRADIENTS, bias=typed["bias"],
+                                mask=typed["mask"])
+    grads = _conv_implicit_gemm.backward(backend, geo, typed["grad_output"], typed["input"],
+                                         typed["offset"], typed["weight"], typed["mask"], wrt,
+                                         per_split=per_split)
+    return wrt, grads, reference_results(exact, params)[1]
+
+
+def _assert_gradients(wrt, grads, ref, dtype, what=""):
+    """Every gradient of ``wrt`` close to the reference, in ``dtype``; the others None."""
+    for name in _deform_conv.GRADIENTS:
+        got = getattr(grads, name)
+        if name not in wrt:
+            assert got is None, f"{what}: {name} was not asked for"
+            continue
+        expected = getattr(ref, name)
+        assert got.dtype == numpy.dtype(dtype) and got.shape == expected.shape, (what, name)
+        assert_close(got, expected, dtype, f"{what} grad_{name}")
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=dtype_name)
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_backward_matches_reference_with_host_checks(host, case, dtype):
+    wrt, grads, ref = _run_backward(host, CASES[case], dtype)
+    assert {"input", "offset", "weight"} <= wrt
+    _assert_gradients(wrt, grads, ref, dtype, f"{case} {dtype_name(dtype)}")
+
+
+@pytest.mark.parametrize("per_split", [1, 16, 21, 10**6])
+@pytest.mark.parametrize("dtype", [numpy.float64, numpy.float16], ids=dtype_name)
+def test_weight_gradient_split_over_pixels(host, dtype, per_split):
+    """The weight gradient's reduction over the 84 pixels split across blocks:
+    one pixel per block, one step of 16, 21 (splits that end mid-step and cross
+    an image), one split: each block adds its tile with atomics."""
+    wrt, grads, ref = _run_backward(host, CASES["cout 16"], dtype, ("weight",), per_split)
+    _assert_gradients(wrt, grads, ref, dtype, f"per_split {per_split}")
+
+
+@pytest.mark.parametrize("name", ["input", "offset", "weight", "bias", "mask"])
+def test_each_gradient_alone(host, name):
+    """The kernels take null pointers for the gradients not asked for."""
+    wrt, grads, ref = _run_backward(host, CASES["tile edges"], numpy.float32, (name,))
+    assert wrt == {name}
+    _assert_gradients(wrt, grads, ref, numpy.float32, name)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=dtype_name)
+def test_backward_of_an_empty_batch(host, dtype):
+    """Batch 0: no launch; the gradients of the weight and bias are zeros, the
+    others empty."""
+    case = (0, *CASES["cout 16"][1:])
+    wrt, grads, ref = _run_backward(host, case, dtype)
+    assert wrt == set(_deform_conv.GRADIENTS)
+    for name in wrt:
+        got, expected = getattr(grads, name), getattr(ref, name)
+        assert got.dtype == numpy.dtype(dtype) and got.shape == expected.shape, name
+        assert not numpy.any(got.astype(numpy.float64)), name
+    assert grads.weight.size and grads.bias.size
+
+
+def test_a_bad_per_split_is_refused():
+    typed, _, params = make_case(CASES["chunks"], numpy.float32)
+    with pytest.raises(cupydcn.ArgumentError, match=r"per_split must be a positive int, got 0"):
+        _conv_implicit_gemm.backward(_kernels.NoWorkBackend(), _geometry(typed, params),
+                                     typed["grad_output"], typed["input"], typed["offset"],
+                                     typed["weight"], typed["mask"], {"weight"}, per_split=0)
+
+
+BACKWARD_MUTATIONS = {
+    "barrier removed (weight tiles landed)":
+        ("__syncthreads();  // [mutation: weight tiles landed]", ""),
+    "barrier removed (data tiles landed)": ("__syncthreads();  // [mutation: data tiles landed]",
+                                            ""),
+    "barrier removed (weight tiles consumed)":
+        ("__syncthreads();  // [mutation: weight tiles consumed]", ""),
+    "barrier removed (data tiles consumed)":
+        ("__syncthreads();  // [mutation: data tiles consumed]", ""),
+    "barrier removed (gradient tile written)":
+        ("__syncthreads();  // [mutation: gradient tile written]", ""),
+    "barrier removed (gradient tile read)":
+        ("__syncthreads();  // [mutation: gradient tile read]", ""),
+    "missing cp.async wait (data)": ("dcn_cp_async_wait<0>();  // [mutation: data wait]", ";"),
+    "tap off by one (weight samples)": ("og, kb.tap, oy, ox);", "og, (kb.tap + 1) % taps, oy, ox);"),
+    "tap off by one (data epilogue)": ("og, kq.tap, ey, ex);", "og, (kq.tap + 1) % taps, ey, ex);"),
+    "weight fragment column off by one": ("k_index(k0, wn + 8 * ni + 2 * t + e,",
+                                          "k_index(k0, wn + 8 * ni + 2 * t + 1 - e,"),
+    "gradient tile channel off by one": ("g_tile[ep * GLD + 16 * eq + (c - kq.c)]",
+                                         "g_tile[ep * GLD + 16 * eq + (c - kq.c + 1) % 16]"),
+    "sums not reset between offset groups": ("sum_dy = sum_dx = sum_mask = (A)0;", ";"),
+}
+BACKWARD_MUTATED_DTYPE = {"missing cp.async wait (data)": numpy.float16}
+# "cout 16" reduces the data gradient over Cout/groups = 16 in one step: a barrier
+# between steps needs more of them (Cout/groups = 35 in three).
+BACKWARD_MUTATED_CASE = {"barrier removed (data tiles consumed)": "tile edges"}
+
+
+
+
+@pytest.mark.parametrize("mutation", sorted(BACKWARD_MUTATIONS))
+def test_each_backward_mutation_fails(mutation):
+    old, new = BACKWARD_MUTATIONS[mutation]
+    text = _kernels.source("deform_conv_igemm")
+    assert text.count(old) == 1, f"the mutation's line is gone: {old!r}"
+    backend = _mutation_backend(text.replace(old, new))
+    dtype = BACKWARD_MUTATED_DTYPE.get(mutation, numpy.float32)
+    case = CASES[BACKWARD_MUTATED_CASE.get(mutation, "cout 16")]
+    failure = None
+    try:
+        wrt, grads, ref = _run_backward(backend, case, dtype, per_split=21)
+        _assert_gradients(wrt, grads, ref, dtype)
+    except (RuntimeError, AssertionError) as error:
+        failure = error
+    assert failure is not None, f"the mutation '{mutation}' went unnoticed"
+
+
+def test_unmutated_backward_passes_the_mutation_runs():
+    backend = _mutation_backend()
+    for case, dtype in (("cout 16", numpy.float32), ("cout 16", numpy.float16),
+                        ("tile edges", numpy.float32)):
+        wrt, grads, ref = _run_backward(backend, CASES[case], dtype, per_split=21)
+        _assert_gradients(wrt, grads, ref, dtype, f"{case} {dtype_name(dtype)}")
 
 
 # ---------------------------------------------------------------- the dispatcher
@@ -178,13 +328,22 @@ def test_no_register_spills(arch, tmp_path):
     """nvcc --resource-usage: every instantiation compiles with 0 bytes of
     spill stores and loads (the registers and shared memory are in the
     module docstring's table)."""
+    signatures = {  # pointers (const T, T, A: the accumulation type) and indices
+        "deform_conv_igemm": ("const T*",) * 5 + ("T*",) + ("I",) * 18,
+        "deform_conv_igemm_grad_weight": ("const T*",) * 4 + ("A*",) + ("I",) * 19,
+        "deform_conv_igemm_grad_data": ("const T*",) * 5 + ("A*",) * 3 + ("I",) * 18,
+    }
+    assert set(signatures) == set(_kernels.KERNELS["deform_conv_igemm"])
     instances = []
-    for dtype in _dtypes.DTYPES.values():
-        for bits in (32, 64):
-            name = _kernels.template_name("deform_conv_igemm", dtype, bits)
-            T, I = [x.strip() for x in name[name.index("<") + 1:-1].split(",")]
-            params = ", ".join([f"const {T}*"] * 5 + [f"{T}*"] + [I] * 18)
-            instances.append(f"template __global__ void deform_conv_igemm<{T}, {I}>({params});")
+    for kernel, signature in signatures.items():
+        for dtype in _dtypes.DTYPES.values():
+            for bits in (32, 64):
+                name = _kernels.template_name(kernel, dtype, bits)
+                T, I = [x.strip() for x in name[name.index("<") + 1:-1].split(",")]
+                types = {"T": T, "I": I, "A": "double" if T == "double" else "float"}
+                params = ", ".join(re.sub(r"\b[TIA]\b", lambda m: types[m.group()], p)
+                                   for p in signature)
+                instances.append(f"template __global__ void {kernel}<{T}, {I}>({params});")
     src = tmp_path / "igemm.cu"
     src.write_text(_kernels.source("deform_conv_igemm") + "\n" + "\n".join(instances) + "\n")
     result = subprocess.run(["nvcc", "-std=c++17", "-cubin", f"-arch={arch}", "--resource-usage",
