@@ -258,9 +258,21 @@ def _im2col(backend, geo, bits, tile, input, offset, mask):
     cached workspace."""
     columns = _config.workspace(backend.xp, (geo.C * geo.kh * geo.kw, tile.out_rows * geo.Wo),
                                 geo.dtype.dtype)
-    backend.launch(_FILE, "deform_im2col", geo.dtype, bits, geo.C * tile.out_rows * geo.Wo,
-                   [input, offset, mask, columns, *_geometry_args(geo, tile)])
+    per_thread = im2col_channels_per_thread(backend, geo)
+    chunks = -(-(geo.C // geo.offset_groups) // per_thread)
+    backend.launch(_FILE, "deform_im2col", geo.dtype, bits,
+                   geo.offset_groups * chunks * tile.out_rows * geo.Wo,
+                   [input, offset, mask, columns, per_thread, *_geometry_args(geo, tile)])
     return columns
+
+
+def im2col_channels_per_thread(backend, geo):
+    """Channels per deform_im2col thread: on the host a whole offset group (each
+    tap's position and footprint computed once per pixel; the cores are few),
+    on CUDA 1 (as many threads as column elements per tap; a heuristic until
+    GPU measurements say whether sharing the position across a few channels
+    pays, benchmarks/NOTES.md)."""
+    return geo.C // geo.offset_groups if getattr(backend, "name", None) == "host" else 1
 
 
 # The GEMM operands, strided views of the buffers where they lie (_gemm):

@@ -138,17 +138,57 @@ __device__ __forceinline__ void dcn_conv_corners(const T* plane, I H, I W, A y, 
   v[3] = bottom && right ? dcn_load(plane[(y0 + 1) * W + x0 + 1]) : (A)0;
 }
 
+// The bilinear footprint of one sampling position (the convolution's rule, as
+// dcn_conv_bilinear): which of the four corners lie in the image, the offset
+// of corner (y0, x0) in a plane, and the fractions. Computed once per (pixel,
+// tap) and applied to every channel of the offset group by dcn_conv_sample,
+// which gives dcn_conv_bilinear's value bit for bit (the same expression).
+template <typename I, typename A> struct dcn_footprint {
+  bool inside;                 // the open box (-1, H) x (-1, W); false for NaN
+  bool c00, c01, c10, c11;     // corner in the image
+  I at;                        // y0 * W + x0 (read only through an in-image corner)
+  A ly, lx;
+};
+
+template <typename I, typename A>
+__device__ __forceinline__ dcn_footprint<I, A> dcn_conv_footprint(I H, I W, A y, A x) {
+  dcn_footprint<I, A> f;
+  f.inside = y > (A)-1 && y < (A)H && x > (A)-1 && x < (A)W;
+  f.c00 = f.c01 = f.c10 = f.c11 = false;
+  f.at = 0;
+  f.ly = f.lx = (A)0;
+  if (!f.inside) return f;
+  const A yf = dcn_floor(y), xf = dcn_floor(x);
+  const I y0 = (I)yf, x0 = (I)xf;
+  f.ly = y - yf;
+  f.lx = x - xf;
+  const bool top = y0 >= 0, bottom = y0 + 1 < H, left = x0 >= 0, right = x0 + 1 < W;
+  f.c00 = top && left;
+  f.c01 = top && right;
+  f.c10 = bottom && left;
+  f.c11 = bottom && right;
+  f.at = y0 * W + x0;
+  return f;
+}
+
+template <typename T, typename I, typename A>
+__device__ __forceinline__ A dcn_conv_sample(const T* plane, I W, const dcn_footprint<I, A>& f) {
+  if (!f.inside) return (A)0;
+  const A v0 = f.c00 ? dcn_load(plane[f.at]) : (A)0;
+  const A v1 = f.c01 ? dcn_load(plane[f.at + 1]) : (A)0;
+  const A v2 = f.c10 ? dcn_load(plane[f.at + W]) : (A)0;
+  const A v3 = f.c11 ? dcn_load(plane[f.at + W + 1]) : (A)0;
+  const A hy = (A)1 - f.ly, hx = (A)1 - f.lx;
+  return hy * hx * v0 + hy * f.lx * v1 + f.ly * hx * v2 + f.ly * f.lx * v3;
+}
+
 // Bilinear sample of one image plane with the convolution's rule
 // (docs/semantics.md section 2.4): zero outside the open box (-1, H) x (-1, W). A NaN
 // position fails every comparison, so it counts as outside; the check also
 // bounds y and x before they are converted to integers.
 template <typename T, typename I, typename A>
 __device__ __forceinline__ A dcn_conv_bilinear(const T* plane, I H, I W, A y, A x) {
-  if (!(y > (A)-1 && y < (A)H && x > (A)-1 && x < (A)W)) return (A)0;
-  A v[4], ly, lx;
-  dcn_conv_corners(plane, H, W, y, x, v, &ly, &lx);
-  const A hy = (A)1 - ly, hx = (A)1 - lx;
-  return hy * hx * v[0] + hy * lx * v[1] + ly * hx * v[2] + ly * lx * v[3];
+  return dcn_conv_sample(plane, W, dcn_conv_footprint(H, W, y, x));
 }
 
 // Derivatives of the convolution's bilinear sample with respect to y and x,

@@ -11,9 +11,15 @@
 // channel c, column (bi*nrows + r)*Wo + ox holds output pixel
 // (b0 + bi, oy0 + r, ox).
 //
-// - deform_im2col: one thread per (c, bi, r, ox), looping over the kh*kw
-//   taps; writes mask * bilinear(input), computed in A and rounded once to T,
-//   into the columns.
+// - deform_im2col: one thread per (offset group, chunk of ``per_thread``
+//   channels, bi, r, ox), looping over the kh*kw taps: the sampling position,
+//   bilinear footprint and mask of a tap are computed once and applied to
+//   every channel of the chunk; writes mask * bilinear(input), computed in A
+//   and rounded once to T, into the columns. Consecutive threads take
+//   consecutive output pixels (coalesced columns writes); ``per_thread`` is 1
+//   on CUDA (one thread per channel, as many threads as there are column
+//   elements per tap) and a whole offset group on the host (no position is
+//   computed twice).
 // - deform_col2im: one thread per columns element; scatters
 //   grad_col * mask * corner weight into an A-typed input gradient with
 //   atomicAdd (float atomics for the half types, never half atomics).
@@ -30,39 +36,47 @@
 template <typename T, typename I>
 __global__ void deform_im2col(const T* __restrict__ input, const T* __restrict__ offset,
                               const T* __restrict__ mask,
-                              T* __restrict__ columns,
+                              T* __restrict__ columns, I per_thread,
                               I C, I H, I W, I kh, I kw, I stride_h, I stride_w, I pad_h,
                               I pad_w, I dil_h, I dil_w, I Ho, I Wo, I offset_groups,
                               I b0, I nb, I oy0, I nrows) {
   typedef typename dcn_acc<T>::type A;
   const I taps = kh * kw;
   const I ncols = nb * nrows * Wo;
-  const I n = C * ncols;
   const I channels_per_group = C / offset_groups;
+  const I chunks = (channels_per_group + per_thread - 1) / per_thread;  // per offset group
+  const I n = offset_groups * chunks * ncols;
+  const I pixels = Ho * Wo;
   DCN_KERNEL_LOOP(index, I, n) {
     const I ox = index % Wo;
     I t = index / Wo;
     const I r = t % nrows;
     t /= nrows;
     const I bi = t % nb;
-    const I c = t / nb;
+    t /= nb;
+    const I chunk = t % chunks;
+    const I g = t / chunks;
     const I b = b0 + bi;
     const I oy = oy0 + r;
-    const I g = c / channels_per_group;
-    const I pixels = Ho * Wo;
-    const T* plane = input + (b * C + c) * H * W;
+    const I c0 = g * channels_per_group + chunk * per_thread;
+    const I left = g * channels_per_group + channels_per_group - c0;
+    const I c1 = c0 + (per_thread < left ? per_thread : left);
     const T* off = offset + (b * offset_groups + g) * 2 * taps * pixels + oy * Wo + ox;
     const T* msk = mask ? mask + (b * offset_groups + g) * taps * pixels + oy * Wo + ox : 0;
-    T* col = columns + c * taps * ncols + (bi * nrows + r) * Wo + ox;
+    const I col = (bi * nrows + r) * Wo + ox;
     for (I i = 0; i < kh; ++i) {
       for (I j = 0; j < kw; ++j) {
         const I k = i * kw + j;
         A y, x;
         dcn_conv_position(off, pixels, k, i, j, oy, ox, stride_h, stride_w, pad_h,
                           pad_w, dil_h, dil_w, &y, &x);
-        A v = dcn_conv_bilinear(plane, H, W, y, x);
-        if (msk) v *= dcn_load(msk[k * pixels]);
-        col[k * ncols] = dcn_store<T>(v);
+        const dcn_footprint<I, A> f = dcn_conv_footprint(H, W, y, x);
+        const A m = msk ? dcn_load(msk[k * pixels]) : (A)1;
+        for (I c = c0; c < c1; ++c) {
+          A v = dcn_conv_sample(input + (b * C + c) * H * W, W, f);
+          if (msk) v *= m;
+          columns[(c * taps + k) * ncols + col] = dcn_store<T>(v);
+        }
       }
     }
   }

@@ -86,8 +86,9 @@ def main(argv):
     sources = {}
     if mutated:  # one element past the columns buffer
         text = _kernels.source("deform_conv")
-        sources["deform_conv"] = text.replace("col[k * ncols] = dcn_store<T>(v);",
-                                              "col[k * ncols + 1] = dcn_store<T>(v);")
+        sources["deform_conv"] = text.replace(
+            "columns[(c * taps + k) * ncols + col] = dcn_store<T>(v);",
+            "columns[(c * taps + k) * ncols + col + 1] = dcn_store<T>(v);")
         assert sources["deform_conv"] != text
     if where == "host":
         backend = _kernels.HostBackend(sources=sources,

@@ -151,10 +151,29 @@ def test_host_kernels_odd_grid(host):
         compare_all(out, grads, ref_out, ref_grads, numpy.float64)
 
 
+@pytest.mark.parametrize("per_thread", [1, 2, 3])
+def test_im2col_channel_chunks(host, monkeypatch, per_thread):
+    """deform_im2col with any number of channels per thread (1 on CUDA, a
+    whole offset group on the host; 2 and 3 leave partial chunks of 5 and 4
+    channels per group): the same columns, bit for bit, as the host's whole
+    groups, and the reference's forward. Offset groups 1 and 2, groups 1."""
+    for case in ((2, 5, 6, 7, 4, 3, 3, 1, 1, (1, 1), (1, 1), (1, 1), True, True),
+                 (1, 8, 5, 6, 3, 2, 3, 1, 2, (2, 1), (1, 0), (1, 2), True, False)):
+        typed, exact, params = make_case(case, numpy.float32)
+        ref_out, _ = reference_results(exact, params)
+        whole, _ = run_kernels(host, typed, params, wrt=())
+        monkeypatch.setattr(_deform_conv, "im2col_channels_per_thread",
+                            lambda backend, geo: per_thread)
+        out, _ = run_kernels(host, typed, params, wrt=())
+        monkeypatch.undo()
+        numpy.testing.assert_array_equal(out, whole)
+        assert_close(out, ref_out, numpy.float32, f"per_thread {per_thread}")
+
+
 def test_a_wrong_kernel_fails(host):
     """The CPU tier catches a kernel bug: swap one bilinear weight."""
     text = _kernels.source("deform_conv")
-    wrong = text.replace("hy * lx * v[1]", "hy * hx * v[1]", 1)
+    wrong = text.replace("hy * f.lx * v1", "hy * hx * v1", 1)
     assert wrong != text
     typed, exact, params = make_case(CASES[0], numpy.float64)
     ref_out, _ = reference_results(exact, params)
