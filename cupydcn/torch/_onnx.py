@@ -60,6 +60,7 @@ import sys
 import torch
 
 from cupydcn import _validation
+from cupydcn.torch import _interop
 
 DOMAIN = "cupydcn"
 DOMAIN_VERSION = 1
@@ -155,27 +156,10 @@ def _exporter_local(name):
     return None
 
 
-class _Shape:
-    """What the shared checks read of a tensor: its shape and dtype."""
-
-    def __init__(self, shape, dtype):
-        self.shape, self.dtype = shape, dtype
-
-
 def _hinted(*tensors):
     """Stand-ins for the shared checks with the sizes of the example inputs:
     int() of a symbolic size (``dynamic_shapes``) would specialize it."""
-    return [None if t is None else _Shape(tuple(_hint(s) for s in t.shape), t.dtype)
-            for t in tensors]
-
-
-def _hint(size):
-    if not isinstance(size, torch.SymInt):
-        return int(size)
-    from torch.fx.experimental import symbolic_shapes
-
-    hint = getattr(symbolic_shapes, "optimization_hint", None)  # torch >= 2.13
-    return hint(size) if hint is not None else symbolic_shapes.hint_int(size)
+    return [_interop.stand_in(t) for t in tensors]
 
 
 def _deform_conv_attributes(geo):
