@@ -49,10 +49,11 @@ needs no ``custom_translation_table`` either; the RoI poolings of such a
 graph are not translated (export the model for them). The TorchScript exporter
 records the ``torch.ops.cupydcn`` ops and translates them with the symbolic functions that
 :func:`register_torchscript_symbolics` registers when :mod:`cupydcn.torch` is
-imported. Dynamic batch sizes (``dynamic_shapes`` / ``dynamic_axes``) work when
-the model is exported (not in an ExportedProgram made beforehand: there
-``torch.export`` specializes the batch, whose size the ops' fake
-implementations read); channels and kernel sizes must be static.
+imported. Dynamic sizes (``dynamic_shapes`` / ``dynamic_axes``) work both when
+the model is exported and in an ExportedProgram made beforehand with
+``dynamic_shapes`` (the ops' fake implementations keep the batch, the spatial
+sizes and the number of RoIs symbolic); channels and kernel sizes must be
+static.
 """
 
 import sys
