@@ -3,10 +3,11 @@
 The ops' fake implementations keep symbolic what may vary between calls of
 one traced graph: deform_conv2d's batch B and spatial sizes H, W (and Ho, Wo,
 from them), the RoI poolings' feature batch N, spatial sizes H, W and number
-of RoIs R. An ExportedProgram made with ``dynamic_shapes`` runs at other
-sizes (batch 0, 1 and odd ones) with the eager numbers, ``torch.compile(
-dynamic=True)`` compiles once for every batch, and a wrong shape still gets the
-shared validation's message naming the argument. Channels and kernel sizes
+of RoIs R (also when the data decides it). An ExportedProgram made with
+``dynamic_shapes`` runs at other sizes (batch 0, 1 and odd ones) with the
+eager numbers, ``torch.compile(dynamic=True)`` compiles once for every batch,
+and a wrong shape still gets the shared validation's message naming the
+argument. Channels and kernel sizes
 stay static: a dynamic one is reported by torch as specialized.
 """
 
@@ -143,6 +144,25 @@ def test_export_roi_pools_dynamic_rois_and_batch():
         for g, w in zip(got, want):
             assert g.shape[0] == R
             torch.testing.assert_close(g, w, **EXACT)
+
+
+class ScoredRoIs(torch.nn.Module):
+    """The RoIs a detector keeps: their number depends on the data."""
+
+    def forward(self, x, boxes, scores):
+        return ct.deform_roi_pool(x, boxes[scores > 0.5], None, (3, 2), 0.5, 2, 0.2)
+
+
+def test_export_data_dependent_number_of_rois():
+    """R unknown until the graph runs (an unbacked size): the program keeps it
+    symbolic and runs with the eager numbers whatever the scores keep."""
+    x, boxes = roi_inputs(2, 9)[:2]
+    gen = torch.Generator().manual_seed(5)
+    program = torch.export.export(ScoredRoIs(), (x, boxes, torch.rand(9, generator=gen)))
+    assert symbolic(output_shapes(program)[0][0])
+    for scores in (torch.rand(9, generator=gen), torch.zeros(9), torch.ones(9)):
+        want = ScoredRoIs()(x, boxes, scores)
+        torch.testing.assert_close(program.module()(x, boxes, scores), want, **EXACT)
 
 
 def test_export_ties_the_batches_together():
