@@ -19,6 +19,7 @@ from torch._dynamo.testing import CompileCounterWithBackend  # noqa: E402
 from torch.export import Dim  # noqa: E402
 
 import cupydcn.torch as ct  # noqa: E402
+from cupydcn import _ops  # noqa: E402
 
 EXACT = dict(rtol=0, atol=0)
 
@@ -89,6 +90,23 @@ def symbolic(size):
 # --------------------------------------------------------------------------
 # torch.export
 # --------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", sorted(_ops.SPECS))
+def test_dynamic_symbols_name_dimensions(name):
+    """Each symbol a spec lets stay dynamic is a plain dimension of an array
+    layout (a misspelt one would silently be specialized)."""
+    spec = _ops.SPECS[name]
+    symbols = {s for layout in spec.array_layouts().values() for s in layout}
+    assert spec.dynamic and set(spec.dynamic) <= symbols
+
+
+def test_derived_sizes_are_dynamic_symbols():
+    spec = _ops.SPECS["deform_conv2d"]
+    x, offset, mask = conv_inputs(1, H=9, W=11)
+    geo = spec.check(x, offset, conv_layer().weight, None, STRIDE, PADDING, DILATION, mask)
+    derived = spec.derived_sizes(geo, geo._asdict())
+    assert set(derived) <= set(spec.dynamic) and derived == {"Ho": geo.Ho, "Wo": geo.Wo}
 
 
 def test_export_deform_conv2d_dynamic_batch():

@@ -15,7 +15,10 @@ For each spec of ``cupydcn._ops.SPECS``, :func:`_define` registers in the
   given, in the spec's order;
 * fake implementations: the shared validation (``spec.check``) and the
   shapes of ``spec.output_shapes``, so ``torch.compile(fullgraph=True)``
-  traces the ops and a mistake gets the core's message at trace time;
+  traces the ops and a mistake gets the core's message at trace time; the
+  sizes of ``spec.dynamic`` (batch, RoIs, spatial sizes) stay symbolic under
+  ``torch.export(dynamic_shapes=...)`` and ``torch.compile(dynamic=True)``
+  (see :func:`_traced_check`), the others are specialized;
 * autograd: the backward op asked only for the gradients autograd needs
   (``ctx.needs_input_grad``), deterministic under
   ``torch.use_deterministic_algorithms(True)``;
