@@ -56,7 +56,13 @@ class OpSpec(NamedTuple):
     reads array values (``rois[:, 0]``), which ``check_batch=False`` skips;
     ``keeps_memory_format``: the output has the first array's memory format
     (channels-last or NCHW, ``_validation.is_channels_last``) and each
-    gradient its array's (else every result is C-contiguous).
+    gradient its array's (else every result is C-contiguous);
+    ``dynamic``: the layout symbols whose sizes a traced call (``torch.export``
+    with ``dynamic_shapes``, ``torch.compile(dynamic=True)``) may leave
+    symbolic, the others being specialized (see :meth:`array_layouts`);
+    ``derived_sizes(geo, sizes)``: the sizes of layout symbols that other
+    symbols' sizes determine (``Ho`` from ``H``), by name, computed from
+    ``sizes`` (symbol -> int or symbolic size) in whatever integers those are.
     """
     name: str
     args: Tuple[Arg, ...]
@@ -75,6 +81,8 @@ class OpSpec(NamedTuple):
     acc_outputs: Tuple[str, ...] = ()
     reads_values: bool = False
     keeps_memory_format: bool = False
+    dynamic: Tuple[str, ...] = ()
+    derived_sizes: Optional[Callable] = None
 
     @property
     def arrays(self):
@@ -120,6 +128,19 @@ class OpSpec(NamedTuple):
         exist, at the call; whether a named implementation can run a given
         call is decided where the call runs."""
         _dispatch.check_algorithm(self.name, algorithm)
+
+    def array_layouts(self):
+        """Each array's dimensions as layout symbols, by name: the forward's
+        and backward's array arguments, ``grad_output`` (the output's layout)
+        and the outputs (a symbol only where the layout names one plainly:
+        ``2*offset_groups*kh*kw`` is left as that expression)."""
+        layouts = dict(zip(self.outputs, self.output_layouts))
+        layouts["grad_output"] = self.output_layouts[0]
+        for arg in self.args + self.backward_args:
+            layout = arg.layout or layouts.get(arg.name)
+            if arg.kind in (ARRAY, OPTIONAL_ARRAY) and layout is not None:
+                layouts[arg.name] = layout
+        return {name: tuple(_symbols(layout)) for name, layout in layouts.items()}
 
     def static_output_shapes(self, shapes, params):
         """The outputs' shapes by name from what is known when a call is
@@ -191,6 +212,12 @@ def _conv_shapes(geo):
     return {"output": (geo.B, geo.Cout, geo.Ho, geo.Wo)}
 
 
+def _conv_derived_sizes(geo, sizes):
+    (sh, sw), (ph, pw), (dh, dw) = geo.stride, geo.padding, geo.dilation
+    return {"Ho": _validation.conv_output_size(sizes["H"], geo.kh, sh, ph, dh),
+            "Wo": _validation.conv_output_size(sizes["W"], geo.kw, sw, pw, dw)}
+
+
 def _roi_shapes(geo):
     return {"output": (geo.R, geo.C, geo.ph, geo.pw)}
 
@@ -220,6 +247,8 @@ DEFORM_CONV2D = OpSpec(
     reference_backward=reference.deform_conv2d_backward,
     output_layouts=("(B, Cout, Ho, Wo)",),
     keeps_memory_format=True,
+    dynamic=("B", "H", "W", "Ho", "Wo"),
+    derived_sizes=_conv_derived_sizes,
 )
 
 DEFORM_ROI_POOL = OpSpec(
@@ -242,6 +271,7 @@ DEFORM_ROI_POOL = OpSpec(
     autocast="float32",
     output_layouts=("(R, C, ph, pw)",),
     reads_values=True,
+    dynamic=("N", "R", "H", "W"),
 )
 
 DEFORM_PSROI_POOL = OpSpec(
@@ -268,6 +298,7 @@ DEFORM_PSROI_POOL = OpSpec(
     output_layouts=("(R, output_dim, pooled_size, pooled_size)",) * 2,
     acc_outputs=("count",),
     reads_values=True,
+    dynamic=("N", "R", "H", "W"),
 )
 
 SPECS = {spec.name: spec for spec in (DEFORM_CONV2D, DEFORM_ROI_POOL, DEFORM_PSROI_POOL)}

@@ -214,6 +214,14 @@ class ConvGeometry(NamedTuple):
     channels_last: bool = False
 
 
+def conv_output_size(size, kernel, stride, padding, dilation):
+    """A convolution's output size along one axis, ``(size + 2*padding -
+    dilation*(kernel - 1) - 1) // stride + 1`` (docs/semantics.md §2.1), in
+    whatever integers ``size`` is: an int, or a symbolic size of torch's
+    tracing (``torch.SymInt``), which it keeps symbolic."""
+    return (size + 2 * padding - dilation * (kernel - 1) - 1) // stride + 1
+
+
 def check_deform_conv2d(input, offset, weight, bias=None, stride=1, padding=0, dilation=1,
                         mask=None, grad_output=None):
     """Validate a deform_conv2d call (docs/semantics.md §2); return its geometry."""
@@ -240,8 +248,8 @@ def check_deform_conv2d(input, offset, weight, bias=None, stride=1, padding=0, d
         raise ArgumentError(
             f"the dilated kernel ({span_h}, {span_w}) is larger than the padded input "
             f"({H + 2 * padding[0]}, {W + 2 * padding[1]})")
-    Ho = (H + 2 * padding[0] - span_h) // stride[0] + 1
-    Wo = (W + 2 * padding[1] - span_w) // stride[1] + 1
+    Ho = conv_output_size(H, kh, stride[0], padding[0], dilation[0])
+    Wo = conv_output_size(W, kw, stride[1], padding[1], dilation[1])
 
     offset_shape = check_rank(offset, "offset", "(B, 2*offset_groups*kh*kw, Ho, Wo)")
     taps = kh * kw

@@ -537,3 +537,92 @@ def test_exported_program_translation_stays_in_its_export(tmp_path):
     for i in range(2):
         export_program(layer, (x, offset), tmp_path / f"m{i}.onnx")
         assert not _registration.ONNXRegistry.from_torchlib().is_registered(target)
+
+
+# --------------------------------------------------------------------------
+# Dynamic sizes: a batch, spatial sizes and a number of RoIs that vary
+# --------------------------------------------------------------------------
+
+
+def input_dims(model_proto):
+    """Each graph input's dimensions: an int, or the name of a symbolic one."""
+    return {i.name: [d.dim_param or d.dim_value for d in i.type.tensor_type.shape.dim]
+            for i in model_proto.graph.input}
+
+
+def test_exported_program_dynamic_batch(tmp_path):
+    """An ExportedProgram made with a dynamic batch (DeformConv2d with mask,
+    groups and offset groups) exports with a symbolic batch, and onnxruntime
+    runs it at batch 1 and 3 (exported at 2) with cupydcn's numbers."""
+    layer, x, offset, m = conv_case()
+    batch = torch.export.Dim("batch")
+    program = torch.export.export(layer.eval(), (x, offset, m), dynamic_shapes=({0: batch},) * 3)
+    path = tmp_path / "m.onnx"
+    torch.onnx.export(program, (x, offset, m), path, dynamo=True, verbose=False,
+                      input_names=["in0", "in1", "in2"])
+    model_proto = onnx.load(path)
+    onnx.checker.check_model(model_proto, full_check=True)
+    check_deform_conv_node(model_proto, layer, True, True)
+    dims = input_dims(model_proto)
+    assert isinstance(dims["in0"][0], str) and dims["in1"][0] == dims["in2"][0] == dims["in0"][0]
+    for B, seed in ((1, 7), (3, 8)):
+        _, x, offset, m = conv_case(B=B, seed=seed)
+        (got,) = run_ort(model_proto, (x, offset, m))
+        with torch.no_grad():
+            want = layer(x, offset, m)
+        assert got.shape[0] == B
+        assert rel_err(got, want.numpy()) <= F32_TOLERANCE
+
+
+def test_exported_program_dynamic_spatial_sizes(tmp_path):
+    """ModulatedDeformConv2dPack exported with the batch, H and W dynamic:
+    onnxruntime runs the ONNX model at other sizes with cupydcn's numbers."""
+    model = randomize(ct.ModulatedDeformConv2dPack(4, 6, 3, stride=(1, 2), padding=(1, 2),
+                                                   dilation=2, groups=2, deform_groups=2), 7)
+    x = torch.randn(2, 4, 10, 9, generator=torch.Generator().manual_seed(8))
+    dims = {0: torch.export.Dim("batch"), 2: torch.export.Dim("H", min=4),
+            3: torch.export.Dim("W", min=4)}
+    program = torch.export.export(model.eval(), (x,), dynamic_shapes=(dims,))
+    path = tmp_path / "m.onnx"
+    torch.onnx.export(program, (x,), path, dynamo=True, verbose=False, input_names=["in0"])
+    model_proto = onnx.load(path)
+    assert all(isinstance(d, str) for d in input_dims(model_proto)["in0"][::2][:2])
+    for shape, seed in (((1, 4, 13, 7), 9), ((3, 4, 6, 16), 10)):
+        x = torch.randn(shape, generator=torch.Generator().manual_seed(seed))
+        (got,) = run_ort(model_proto, (x,))
+        with torch.no_grad():
+            want = model(x)
+        assert got.shape == tuple(want.shape)
+        assert rel_err(got, want.numpy()) <= F32_TOLERANCE
+
+
+# torch's own warning: the Dim shared by four inputs is named once
+@pytest.mark.filterwarnings("ignore:# The axis name. R will not be used:UserWarning")
+def test_roi_pools_dynamic_rois(tmp_path):
+    """The RoI poolings exported (dynamo exporter) with N and R dynamic run
+    in the reference evaluator at other N and R with cupydcn's numbers."""
+    x, rois, offset, mask, trans = roi_inputs()
+    R = torch.export.Dim("R")
+    path = tmp_path / "m.onnx"
+    torch.onnx.export(RoIPools().eval(), (x, rois, offset, mask, trans), path, dynamo=True,
+                      verbose=False, input_names=[f"in{i}" for i in range(5)],
+                      dynamic_shapes=({0: torch.export.Dim("N")}, {0: R}, {0: R}, {0: R},
+                                      {0: R}))
+    model_proto = onnx.load(path)
+    dims = input_dims(model_proto)
+    assert isinstance(dims["in1"][0], str) and dims["in2"][0] == dims["in1"][0]
+    evaluator = ReferenceEvaluator(model_proto, new_ops=[DeformRoIPool, DeformPSRoIPool])
+    gen = torch.Generator().manual_seed(9)
+    for N, R in ((1, 1), (3, 5)):
+        args = (torch.randn(N, 8, 10, 12, generator=gen),
+                torch.cat([torch.randint(0, N, (R, 1), generator=gen).float(),
+                           torch.rand(R, 4, generator=gen) * 9], 1),
+                0.3 * torch.randn(R, 2, 3, 2, generator=gen),
+                torch.rand(R, 1, 3, 2, generator=gen),
+                0.3 * torch.randn(R, 2, 3, 3, generator=gen))
+        got = evaluator.run(None, {f"in{i}": a.numpy() for i, a in enumerate(args)})
+        with torch.no_grad():
+            want = RoIPools()(*args)
+        for g, w in zip(got, want):
+            assert g.shape[0] == R
+            assert rel_err(g, w.numpy()) <= F32_TOLERANCE

@@ -143,3 +143,38 @@ def check_tensors(required, optional=()):
     the shared check: "offset must be a torch.Tensor, got numpy.ndarray"."""
     _validation.check_arrays(required, optional, expected="a torch.Tensor",
                              accepts=lambda x: isinstance(x, Tensor))
+
+
+class StandIn:
+    """What the shared checks read of a traced tensor: its shape, dtype and
+    strides (``stride()``, as a tensor's), in plain ints."""
+
+    def __init__(self, shape, dtype, strides):
+        self.shape, self.dtype, self._strides = tuple(shape), dtype, tuple(strides)
+
+    def stride(self):
+        return self._strides
+
+
+def stand_in(t, shape=None):
+    """A :class:`StandIn` of tensor ``t`` (None stays None) with ``shape``, by
+    default ``t``'s sizes as their hints (:func:`hint`), and its strides' hints."""
+    if t is None:
+        return None
+    shape = [hint(s) for s in t.shape] if shape is None else shape
+    return StandIn(shape, t.dtype, [hint(s) for s in t.stride()])
+
+
+def hint(size):
+    """``size`` as an int without specializing it: a symbolic size's hint
+    (its example value under ``torch.export``, the current one under
+    ``torch.compile``), where ``int()`` would add a guard (and make
+    ``torch.export`` report a dynamic dimension as specialized)."""
+    if not isinstance(size, torch.SymInt):
+        return int(size)
+    from torch.fx.experimental import symbolic_shapes
+
+    optimization_hint = getattr(symbolic_shapes, "optimization_hint", None)  # torch >= 2.13
+    if optimization_hint is not None:
+        return optimization_hint(size)
+    return symbolic_shapes.hint_int(size)

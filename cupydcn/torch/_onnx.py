@@ -49,10 +49,11 @@ needs no ``custom_translation_table`` either; the RoI poolings of such a
 graph are not translated (export the model for them). The TorchScript exporter
 records the ``torch.ops.cupydcn`` ops and translates them with the symbolic functions that
 :func:`register_torchscript_symbolics` registers when :mod:`cupydcn.torch` is
-imported. Dynamic batch sizes (``dynamic_shapes`` / ``dynamic_axes``) work when
-the model is exported (not in an ExportedProgram made beforehand: there
-``torch.export`` specializes the batch, whose size the ops' fake
-implementations read); channels and kernel sizes must be static.
+imported. Dynamic sizes (``dynamic_shapes`` / ``dynamic_axes``) work both when
+the model is exported and in an ExportedProgram made beforehand with
+``dynamic_shapes`` (the ops' fake implementations keep the batch, the spatial
+sizes and the number of RoIs symbolic); channels and kernel sizes must be
+static.
 """
 
 import sys
@@ -60,6 +61,7 @@ import sys
 import torch
 
 from cupydcn import _validation
+from cupydcn.torch import _interop
 
 DOMAIN = "cupydcn"
 DOMAIN_VERSION = 1
@@ -155,27 +157,10 @@ def _exporter_local(name):
     return None
 
 
-class _Shape:
-    """What the shared checks read of a tensor: its shape and dtype."""
-
-    def __init__(self, shape, dtype):
-        self.shape, self.dtype = shape, dtype
-
-
 def _hinted(*tensors):
     """Stand-ins for the shared checks with the sizes of the example inputs:
     int() of a symbolic size (``dynamic_shapes``) would specialize it."""
-    return [None if t is None else _Shape(tuple(_hint(s) for s in t.shape), t.dtype)
-            for t in tensors]
-
-
-def _hint(size):
-    if not isinstance(size, torch.SymInt):
-        return int(size)
-    from torch.fx.experimental import symbolic_shapes
-
-    hint = getattr(symbolic_shapes, "optimization_hint", None)  # torch >= 2.13
-    return hint(size) if hint is not None else symbolic_shapes.hint_int(size)
+    return [_interop.stand_in(t) for t in tensors]
 
 
 def _deform_conv_attributes(geo):

@@ -15,7 +15,10 @@ For each spec of ``cupydcn._ops.SPECS``, :func:`_define` registers in the
   given, in the spec's order;
 * fake implementations: the shared validation (``spec.check``) and the
   shapes of ``spec.output_shapes``, so ``torch.compile(fullgraph=True)``
-  traces the ops and a mistake gets the core's message at trace time;
+  traces the ops and a mistake gets the core's message at trace time; the
+  sizes of ``spec.dynamic`` (batch, RoIs, spatial sizes) stay symbolic under
+  ``torch.export(dynamic_shapes=...)`` and ``torch.compile(dynamic=True)``
+  (see :func:`_traced_check`), the others are specialized;
 * autograd: the backward op asked only for the gradients autograd needs
   (``ctx.needs_input_grad``), deterministic under
   ``torch.use_deterministic_algorithms(True)``;
@@ -199,6 +202,52 @@ def _memory_format_like(t, like):
     return t
 
 
+def _traced_check(spec, bound, **options):
+    """The shared validation of a traced call (the fakes), without
+    specializing the dimensions that may stay symbolic (``spec.dynamic``:
+    the batch, the RoIs, spatial sizes): ``spec.check`` runs on stand-ins
+    holding those dimensions' hints (``_interop.stand_in``; the other
+    dimensions are specialized, as ``int()`` does), so a wrong shape gets the
+    core's message naming the argument; then ``torch._check`` ties together
+    the symbolic dimensions that share a layout symbol (``offset.shape[0] ==
+    input.shape[0]``) and those that others determine (``Ho`` from ``H``,
+    ``spec.derived_sizes``). Returns the geometry, the stand-ins by name and
+    the size of each dynamic layout symbol (int or ``torch.SymInt``)."""
+    layouts = spec.array_layouts()
+    stand_ins, dims = {}, {}
+    for name, t in bound.items():
+        if name not in layouts or not isinstance(t, Tensor):
+            continue
+        symbols = layouts[name] if len(layouts[name]) == t.dim() else (None,) * t.dim()
+        shape = []
+        for i, (size, symbol) in enumerate(zip(t.shape, symbols)):
+            if symbol in spec.dynamic:
+                dims.setdefault(symbol, []).append((f"{name}.shape[{i}]", size))
+                shape.append(_interop.hint(size))
+            else:
+                shape.append(int(size))
+        stand_ins[name] = _interop.stand_in(t, shape)
+    geo = spec.check(**{n: stand_ins.get(n, v) for n, v in bound.items()}, **options)
+    sizes = {}
+    for symbol, ((first_name, first), *others) in dims.items():
+        for other_name, other in others:
+            torch._check(other == first, lambda: f"{other_name} must equal {first_name} "
+                         f"({symbol}) = {first}, got {other}")
+        sizes[symbol] = first
+    if spec.derived_sizes is not None:
+        for symbol, size in spec.derived_sizes(geo, dict(geo._asdict(), **sizes)).items():
+            got = sizes.get(symbol, size)
+            torch._check(got == size, lambda: f"{dims[symbol][0][0]} must be {symbol} = {size}, "
+                         f"got {got}")
+    return geo, stand_ins, sizes
+
+
+def _traced_shape(spec, output, shape, sizes):
+    """Output ``output``'s shape: ``shape`` (the geometry's ints) with the
+    symbolic size of each dynamic layout symbol."""
+    return tuple(sizes.get(symbol, n) for symbol, n in zip(spec.array_layouts()[output], shape))
+
+
 def _core_args(bound, args):
     return [_interop.core_array(bound[a.name]) if a.kind in _TENSOR_KINDS else bound[a.name]
             for a in args]
@@ -226,12 +275,14 @@ def _define(spec):
     def forward_fake(*args, **kwargs):
         bound = layout.bind_forward(args, kwargs)
         _torch_onnx.check_fake(name)
-        geo = spec.check(*(bound[a.name] for a in spec.args), **layout.check_options)
-        shapes = spec.output_shapes(geo)
+        geo, stand_ins, sizes = _traced_check(
+            spec, {a.name: bound[a.name] for a in spec.args}, **layout.check_options)
+        shapes = {out: _traced_shape(spec, out, shape, sizes)
+                  for out, shape in spec.output_shapes(geo).items()}
         like = bound[first]
         outs = [like.new_empty(shapes[spec.outputs[0]])]
         if spec.keeps_memory_format:  # the real op's strides (see _memory_format_like)
-            outs[0] = _memory_format_like(outs[0], like)
+            outs[0] = _memory_format_like(outs[0], stand_ins[first])
         outs += [like.new_empty(shapes[out], dtype=getattr(torch, geo.dtype.acc.name))
                  for out in layout.auxiliary]
         return outs[0] if not layout.auxiliary else tuple(outs)
@@ -253,13 +304,13 @@ def _define(spec):
 
     def backward_fake(*args, **kwargs):
         bound = layout.bind_backward(args, kwargs)
-        spec.check(*(bound[a.name] for a in spec.args), grad_output=bound["grad_output"],
-                   **{a.name: bound[a.name] for a in spec.backward_args},
-                   **layout.check_options)
+        names = ("grad_output",) + tuple(a.name for a in spec.args + spec.backward_args)
+        _, stand_ins, _ = _traced_check(spec, {n: bound[n] for n in names},
+                                        **layout.check_options)
         grads = [(n, bound[n].new_empty(bound[n].shape))
                  for n in layout.present(bound["wrt"], bound)]
         if spec.keeps_memory_format:  # the real op's strides
-            return [_memory_format_like(g, bound[n]) for n, g in grads]
+            return [_memory_format_like(g, stand_ins[n]) for n, g in grads]
         return [g for _, g in grads]
 
     forward_op = torch.library.custom_op(f"{NAMESPACE}::{name}", forward, mutates_args=(),
