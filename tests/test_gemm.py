@@ -266,8 +266,8 @@ def test_a_wrong_gemm_layout_fails(host, monkeypatch, mutation, limit):
 def test_a_wrong_column_index_in_im2col_fails(host):
     """The columns' layout in the kernel: image-major within a tile."""
     text = _kernels.source("deform_conv")
-    wrong = text.replace("T* col = columns + c * taps * ncols + (bi * nrows + r) * Wo + ox;",
-                         "T* col = columns + c * taps * ncols + (r * nb + bi) * Wo + ox;", 1)
+    wrong = text.replace("const I col = (bi * nrows + r) * Wo + ox;",
+                         "const I col = (r * nb + bi) * Wo + ox;", 1)
     assert wrong != text
     typed, exact, params = make_case(CASES[1], numpy.float64)
     ref_out, _ = reference_results(exact, params)
