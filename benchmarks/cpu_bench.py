@@ -13,6 +13,9 @@ side in one run:
   implementation ``<algorithm>`` (``--algorithm``, repeatable; default: every
   registered one that runs on the host, e.g. ``im2col`` and ``im2col_fused``);
   the GEMMs are NumPy's (its BLAS).
+* ``cupydcn.torch``: ``cupydcn.torch.deform_conv2d`` on CPU tensors with
+  autograd, the users' path (the dispatcher's automatic choice), if torch is
+  importable: what issue 12's targets are about.
 * ``torchvision``: ``torchvision.ops.deform_conv2d`` on CPU tensors, if importable.
 * ``numpy``: ``cupydcn.reference`` (the float64 NumPy reference, what CPU users
   got before the host backend), timed once per case: it is slow.
