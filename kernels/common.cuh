@@ -219,6 +219,37 @@ __device__ __forceinline__ void dcn_conv_position(const T* off, I pixels, I k, I
   *x = (A)(ox * stride_w - pad_w + j * dil_w) + dcn_load(off[(2 * k + 1) * pixels]);
 }
 
+// One sample of a gathering input gradient (deform_col2im_gather,
+// deform_col2im_fused_gather), seen from input pixel (yy, xx) as corner
+// (cy, cx) of the cell the key kernel put it in. ``s`` numbers the tile's
+// samples as deform_sample_keys does: ((bi*offset_groups + g)*taps + k)*P +
+// r*Wo + ox with P = nrows*Wo; ``offset_bg`` and ``mask_bg`` (null: no mask)
+// point at image b0 + bi, offset group g. Gives the tap k, the tile pixel
+// p = r*Wo + ox, and the corner's bilinear weight times the mask. The
+// fractions are taken against the visited cell, not a second floor(): the
+// weight stays right even if the two kernels rounded the position differently.
+template <typename T, typename I, typename A>
+__device__ __forceinline__ A dcn_gather_weight(const T* offset_bg, const T* mask_bg, I s, I yy,
+                                               I xx, I cy, I cx, I Wo, I nrows, I taps, I kw,
+                                               I pixels, I oy0, I stride_h, I stride_w,
+                                               I pad_h, I pad_w, I dil_h, I dil_w, I* k_out,
+                                               I* p_out) {
+  const I ox = s % Wo;
+  const I r = (s / Wo) % nrows;
+  const I k = (s / (nrows * Wo)) % taps;
+  const I oy = oy0 + r;
+  const I at = oy * Wo + ox;
+  A y, x;
+  dcn_conv_position(offset_bg + at, pixels, k, k / kw, k % kw, oy, ox, stride_h, stride_w,
+                    pad_h, pad_w, dil_h, dil_w, &y, &x);
+  const A ly = y - (A)(yy - cy), lx = x - (A)(xx - cx);
+  A weight = (cy ? ly : (A)1 - ly) * (cx ? lx : (A)1 - lx);
+  if (mask_bg) weight *= dcn_load(mask_bg[k * pixels + at]);
+  *k_out = k;
+  *p_out = r * Wo + ox;
+  return weight;
+}
+
 // Grid-stride loop over [0, n): the launch helper picks the grid, kernels
 // never assume one thread per item. The step cannot overflow the index type I:
 // i advances by the stride only while n - i > stride (so i + stride < n),

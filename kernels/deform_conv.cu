@@ -252,30 +252,19 @@ __global__ void deform_col2im_gather(const typename dcn_acc<T>::type* __restrict
     const I g = c / channels_per_group;
     const I pixels = Ho * Wo;
     const long long base = (long long)(bi * offset_groups + g) * cells;
+    const T* offset_bg = offset + (b * offset_groups + g) * 2 * taps * pixels;
+    const T* mask_bg = mask ? mask + (b * offset_groups + g) * taps * pixels : 0;
     A sum = 0;
     for (int role = 0; role < 4; ++role) {
       const I cy = role >> 1, cx = role & 1;  // (yy, xx) is corner (cy, cx) of the cell
       const long long cell = (long long)(yy - cy + 1) * (W + 1) + (xx - cx + 1);
       const long long end = starts[base + cell + 1];
       for (long long e = starts[base + cell]; e < end; ++e) {
-        const I s = (I)order[e];
-        const I ox = s % Wo;
-        const I r = (s / Wo) % nrows;
-        const I k = (s / plane) % taps;
-        const I oy = oy0 + r;
-        const I i = k / kw, j = k % kw;
-        const I off_base = (b * offset_groups + g) * 2 * taps * pixels + oy * Wo + ox;
-        A y, x;
-        dcn_conv_position(offset + off_base, pixels, k, i, j, oy, ox, stride_h, stride_w, pad_h,
-                          pad_w, dil_h, dil_w, &y, &x);
-        // Fractions against the cell being visited (the one the key kernel
-        // chose), not a second floor(): the weight stays right even if the
-        // two kernels rounded the position differently.
-        const A ly = y - (A)(yy - cy), lx = x - (A)(xx - cx);
-        const A weight = (cy ? ly : (A)1 - ly) * (cx ? lx : (A)1 - lx);
-        A grad = grad_columns[(c * taps + k) * ncols + bi * plane + r * Wo + ox];
-        if (mask) grad *= dcn_load(mask[(b * offset_groups + g) * taps * pixels + k * pixels + oy * Wo + ox]);
-        sum += weight * grad;
+        I k, p;
+        const A weight = dcn_gather_weight<T, I, A>(
+            offset_bg, mask_bg, (I)order[e], yy, xx, cy, cx, Wo, nrows, taps, kw, pixels, oy0,
+            stride_h, stride_w, pad_h, pad_w, dil_h, dil_w, &k, &p);
+        sum += weight * grad_columns[(c * taps + k) * ncols + bi * plane + p];
       }
     }
     grad_input[(b * C + c) * H * W + yy * W + xx] += sum;

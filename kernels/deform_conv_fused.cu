@@ -189,6 +189,8 @@ __global__ void deform_col2im_fused_gather(
     const I bi = bg / offset_groups;
     const I b = b0 + bi;
     const long long base = (long long)bg * cells;
+    const T* offset_bg = offset + (b * offset_groups + g) * 2 * taps * pixels;
+    const T* mask_bg = mask ? mask + (b * offset_groups + g) * taps * pixels : 0;
     for (I c0 = 0; c0 < channels_per_group; c0 += lanes * DCN_GATHER_CHANNELS) {
       A sum[DCN_GATHER_CHANNELS];
       I column[DCN_GATHER_CHANNELS];  // of channel j in a columns row: (gw*P)*Kg + cl*taps
@@ -204,23 +206,11 @@ __global__ void deform_col2im_fused_gather(
         const long long cell = (long long)(yy - cy + 1) * (W + 1) + (xx - cx + 1);
         const long long end = starts[base + cell + 1];
         for (long long e = starts[base + cell]; e < end; ++e) {
-          const I s = (I)order[e];
-          const I ox = s % Wo;
-          const I r = (s / Wo) % nrows;
-          const I k = (s / P) % taps;
-          const I oy = oy0 + r;
-          const I i = k / kw, j = k % kw;
-          A y, x;
-          dcn_conv_position(offset + (b * offset_groups + g) * 2 * taps * pixels + oy * Wo + ox,
-                            pixels, k, i, j, oy, ox, stride_h, stride_w, pad_h, pad_w, dil_h,
-                            dil_w, &y, &x);
-          // Fractions against the cell being visited (the key kernel's), as
-          // deform_col2im_gather has them.
-          const A ly = y - (A)(yy - cy), lx = x - (A)(xx - cx);
-          A weight = (cy ? ly : (A)1 - ly) * (cx ? lx : (A)1 - lx);
-          if (mask) weight *= dcn_load(mask[(b * offset_groups + g) * taps * pixels +
-                                            k * pixels + oy * Wo + ox]);
-          const I row = (bi * groups * P + r * Wo + ox) * Kg + k;
+          I k, p;
+          const A weight = dcn_gather_weight<T, I, A>(
+              offset_bg, mask_bg, (I)order[e], yy, xx, cy, cx, Wo, nrows, taps, kw, pixels, oy0,
+              stride_h, stride_w, pad_h, pad_w, dil_h, dil_w, &k, &p);
+          const I row = (bi * groups * P + p) * Kg + k;
           for (int q = 0; q < DCN_GATHER_CHANNELS; ++q) {
             if (c0 + lane + q * lanes < channels_per_group)
               sum[q] += weight * grad_columns[row + column[q]];

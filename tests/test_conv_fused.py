@@ -184,8 +184,8 @@ GATHER_MUTATIONS = {
     "gather channel of the write": ("const I cg = c0 + lane + q * lanes;",
                                     "const I cg = c0 + lane + q;"),
     "gather chunk step": ("c0 += lanes * DCN_GATHER_CHANNELS", "c0 += DCN_GATHER_CHANNELS"),
-    "gather columns row without the groups": ("const I row = (bi * groups * P + r * Wo + ox)",
-                                              "const I row = (bi * P + r * Wo + ox)"),
+    "gather columns row without the groups": ("const I row = (bi * groups * P + p) * Kg + k;",
+                                              "const I row = (bi * P + p) * Kg + k;"),
 }
 
 
