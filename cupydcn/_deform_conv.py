@@ -14,9 +14,10 @@ Automatic choice (a heuristic until GPU measurements replace it, see
 benchmarks/NOTES.md): ``im2col`` (priority 20) for every shape and dtype: with
 half columns its GEMM runs on tensor cores (predicted 2-3x faster than
 torchvision's float16 forward+backward on the suite's shapes), its cost is one
-columns write and read per pass; ``im2col_deterministic`` (10) only when
-``deterministic=True`` asks for it; ``reference`` (0) on the CPU without a
-compiler.
+columns write and read per pass; ``im2col_deterministic`` (10) below the
+fused deterministic backward (``_conv_fused``, 15), which deterministic calls
+and the CPU take; ``reference`` (0) on the CPU without a compiler. The faster
+implementations register from their own modules (end of this file).
 """
 
 from __future__ import annotations
