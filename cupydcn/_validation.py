@@ -234,9 +234,9 @@ def check_deform_conv2d(input, offset, weight, bias=None, stride=1, padding=0, d
         raise ArgumentError(f"weight.shape[2:] (kh, kw) must be >= 1, got {(kh, kw)}")
     if Cg < 1:
         raise ArgumentError(f"weight.shape[1] (C/groups) must be >= 1, got {Cg}")
-    if C % Cg:
-        raise ArgumentError(f"input.shape[1] (C = {C}) must be divisible by weight.shape[1] "
-                            f"(C/groups = {Cg})")
+    if C % Cg or C == 0:
+        raise ArgumentError(f"input.shape[1] (C = {C}) must be a positive number divisible by "
+                            f"weight.shape[1] (C/groups = {Cg})")
     groups = C // Cg
     if Cout % groups:
         raise ArgumentError(

@@ -308,7 +308,11 @@ def _valid():
     (lambda a: a.update(mask=a["mask"][:, :4]), ValueError,
      r"mask.shape must be \(B, offset_groups\*kh\*kw, Ho, Wo\) = \(1, 9, 7, 9\), got \(1, 4, 7, 9\)"),
     (lambda a: a.update(weight=a["weight"][:, :3]), ValueError,
-     r"input.shape\[1\] \(C = 4\) must be divisible by weight.shape\[1\] \(C/groups = 3\)"),
+     r"input.shape\[1\] \(C = 4\) must be a positive number divisible by weight.shape\[1\] "
+     r"\(C/groups = 3\)"),
+    (lambda a: a.update(input=a["input"][:, :0], weight=a["weight"][:, :1]), ValueError,
+     r"input.shape\[1\] \(C = 0\) must be a positive number divisible by weight.shape\[1\] "
+     r"\(C/groups = 1\)"),
     (lambda a: a.update(weight=a["weight"][:5, :2]), ValueError,
      r"weight.shape\[0\] \(Cout = 5\) must be divisible by groups = 2"),
     (lambda a: a.update(bias=a["bias"][:3]), ValueError, r"bias.shape must be \(Cout,\) = \(6,\), got \(3,\)"),
