@@ -136,7 +136,8 @@ def backward(backend, geo, grad_output, input, offset, weight, mask, wrt, lanes=
                 for g in range(groups):
                     _gemm.gemm(xp,
                                _gemm.strided(xp, grad_output, first + g * cout_g * plane,
-                                             (tile.nb, pixels, cout_g), (geo.Cout * plane, 1, plane)),
+                                             (tile.nb, pixels, cout_g),
+                                             (geo.Cout * plane, 1, plane)),
                                _gemm.strided(xp, weight, g * cout_g * kg, (tile.nb, cout_g, kg),
                                              (0, kg, 1)),
                                _gemm.strided(xp, grad_columns, g * pixels * kg,

@@ -214,7 +214,8 @@ def backward(backend, geo, grad_output, input, offset, weight, mask, wrt, lanes=
              vector=None):
     """The kernel path of deform_conv2d_backward on channels-last memory;
     ``wrt`` a set of GRADIENTS; ``lanes`` (a power of two, 1..32) overrides
-    ``_kernels.lanes_for`` (capped at CUDA_LANES), ``vector`` :func:`vector_width`. The input gradient is
+    ``_kernels.lanes_for`` (capped at CUDA_LANES), ``vector``
+    :func:`vector_width`. The input gradient is
     channels-last, the offset and mask gradients have their arrays' formats,
     the weight gradient is (Cout, C/groups, kh, kw)."""
     xp = backend.xp
