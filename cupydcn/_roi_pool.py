@@ -525,8 +525,8 @@ def psroi_pool_backward(backend, geo, grad_output, input, rois, trans=None, coun
                 else ("deform_psroi_pool_backward_trans", geo.pooled_size**2))
             threads = _kernels.warp_threads(geo.R * geo.num_classes * items, lanes)
             _launch(backend, _PSROI, kernel, geo,
-                    max(bits, _dtypes.index_bits(threads + _kernels.WARP)), threads, [grad_output, input, rois, trans, count, grad_trans, lanes, *args],
-                    lanes)
+                    max(bits, _dtypes.index_bits(threads + _kernels.WARP)), threads,
+                    [grad_output, input, rois, trans, count, grad_trans, lanes, *args], lanes)
     if grad_input is not None:
         grad_input = _arrays.result(xp, grad_input, dtype)
     if grad_trans is not None:
