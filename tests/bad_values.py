@@ -3,7 +3,8 @@
     python tests/bad_values.py host|cupy [mutated]
 
 Runs the kernel paths of every op, forward and backward (the conv backward in
-both modes), on coordinates that are NaN, +-inf, +-1e30 and large finite
+both modes, and every registered kernel implementation of the convolution, on
+NCHW and channels-last inputs), on coordinates that are NaN, +-inf, +-1e30 and large finite
 values, and on RoIs whose batch index is out of range or NaN (validation is
 bypassed so that the kernels' own guards are what is tested); the backwards of
 the RoI ops also run in both modes. With ``host`` the
@@ -15,10 +16,11 @@ buffer), to show the checker catches one. Prints "clean" at the end.
 """
 
 import sys
+from types import SimpleNamespace
 
 import numpy
 
-from cupydcn import _deform_conv, _kernels, _roi_pool, _validation
+from cupydcn import _deform_conv, _dispatch, _kernels, _roi_pool, _validation
 
 BAD = (numpy.nan, numpy.inf, -numpy.inf, 1e30, -1e30, 3e9, -3e9)
 
@@ -47,6 +49,23 @@ def run(backend, rng):
     for deterministic in (False, True):
         _deform_conv.backward(backend, geo, grad, x, offset, w, mask,
                               frozenset({"input", "offset", "weight", "mask"}), deterministic)
+    # every other kernel implementation of the convolution (fused, channels-last,
+    # implicit GEMM, ...), forward and backward, with a channels-last input as well
+    for layout in (x, x.transpose(0, 2, 3, 1).copy().transpose(0, 3, 1, 2)):
+        geo = _validation.check_deform_conv2d(layout, offset, w, None, 1, 1, 1, mask)
+        arrays = SimpleNamespace(input=layout, offset=offset, weight=w, bias=None, mask=mask,
+                                 grad_output=grad)
+        for implementation in _dispatch._registry["deform_conv2d"]:
+            if (implementation.launch is None  # the reference
+                    or implementation.name in ("im2col", "im2col_deterministic")  # above
+                    or (implementation.dtypes is not None
+                        and geo.dtype.name not in implementation.dtypes)
+                    or (implementation.supports is not None
+                        and implementation.supports(geo) is not None)):
+                continue
+            implementation.forward(backend, geo, arrays)
+            implementation.backward(backend, geo, arrays,
+                                    frozenset({"input", "offset", "weight", "mask"}))
 
     # deformable RoI pooling, plain and modulated
     feat = dev(rng.standard_normal((2, 3, 9, 11)))
