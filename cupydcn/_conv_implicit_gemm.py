@@ -192,7 +192,7 @@ def backward(backend, geo, grad_output, input, offset, weight, mask, wrt, per_sp
         raise _validation.ArgumentError(f"per_split must be a positive int, got {per_split!r}")
     xp = backend.xp
     dtype, acc = geo.dtype.dtype, geo.dtype.acc
-    taps, cg = geo.kh * geo.kw, geo.C // geo.groups
+    cg = geo.C // geo.groups
     grad_input = (_arrays.zeros_result(xp, input.shape, acc, result=acc == dtype)
                   if "input" in wrt else None)
     # offset, mask and weight: accumulated (atomics) in the accumulation type

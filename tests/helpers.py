@@ -54,3 +54,17 @@ def rounded(x, dtype):
     """``x`` rounded to ``dtype`` and back to float64: the exact inputs a
     reduced-precision kernel sees, so the reference is fed the same numbers."""
     return numpy.asarray(x).astype(dtype).astype(numpy.float64)
+
+
+def spy_choices(monkeypatch):
+    """The ``algorithm`` of every dispatcher choice from now on (a list that
+    fills as calls are dispatched)."""
+    seen = []
+    choose = _dispatch.choose
+
+    def spy(op, on_gpu, geo, algorithm=None, *args, **kwargs):
+        seen.append(algorithm)
+        return choose(op, on_gpu, geo, algorithm, *args, **kwargs)
+
+    monkeypatch.setattr(_dispatch, "choose", spy)
+    return seen

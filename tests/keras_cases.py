@@ -16,6 +16,7 @@ keras = pytest.importorskip("keras")
 
 import cupydcn
 import cupydcn.keras as ck
+from helpers import spy_choices
 
 BACKEND = keras.backend.backend()
 CONV_LAYERS = [ck.DeformConv2D, ck.ModulatedDeformConv2D]
@@ -267,21 +268,6 @@ def bridge_takes_algorithm():
 
     bridge = ck._bridge()[1]
     return "algorithm" in inspect.signature(bridge.deform_conv2d).parameters
-
-
-def spy_choices(monkeypatch):
-    """The ``algorithm`` of every dispatcher choice."""
-    from cupydcn import _dispatch
-
-    seen = []
-    choose = _dispatch.choose
-
-    def spy(op, on_gpu, geo, algorithm=None, *args, **kwargs):
-        seen.append(algorithm)
-        return choose(op, on_gpu, geo, algorithm, *args, **kwargs)
-
-    monkeypatch.setattr(_dispatch, "choose", spy)
-    return seen
 
 
 # layer class -> (op, constructor kwargs, inputs, target shape); DeformConv2D

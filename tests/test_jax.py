@@ -21,7 +21,7 @@ import pytest
 jax = pytest.importorskip("jax", reason="jax is not installed (pip install jax)")
 
 import jax.numpy as jnp
-from helpers import DTYPES, assert_close, dtype_name, rounded
+from helpers import DTYPES, assert_close, dtype_name, rounded, spy_choices
 
 import cupydcn
 import cupydcn.jax as dcn
@@ -545,21 +545,6 @@ def op_case(op, dtype):
     arrays, cotangent = psroi_case(dtype)
     return (dcn.deform_psroi_pool, arrays, cotangent, PSROI_PARAMS, cupydcn.deform_psroi_pool,
             cupydcn.deform_psroi_pool_backward)
-
-
-def spy_choices(monkeypatch):
-    """The ``algorithm`` of every dispatcher choice."""
-    from cupydcn import _dispatch
-
-    seen = []
-    choose = _dispatch.choose
-
-    def spy(op, on_gpu, geo, algorithm=None, *args, **kwargs):
-        seen.append(algorithm)
-        return choose(op, on_gpu, geo, algorithm, *args, **kwargs)
-
-    monkeypatch.setattr(_dispatch, "choose", spy)
-    return seen
 
 
 @pytest.mark.parametrize("mode", ["eager", "jit"])

@@ -17,7 +17,7 @@ import pytest
 
 tf = pytest.importorskip("tensorflow")
 
-from helpers import DTYPES, dtype_name
+from helpers import DTYPES, dtype_name, spy_choices
 
 import cupydcn
 import cupydcn.tensorflow as dcn
@@ -375,21 +375,6 @@ def op_case(op):
         core = (cupydcn.deform_psroi_pool, cupydcn.deform_psroi_pool_backward)
     grad_output = arrays.pop("grad_output")
     return arrays, grad_output, params, *core
-
-
-def spy_choices(monkeypatch):
-    """The ``algorithm`` of every dispatcher choice."""
-    from cupydcn import _dispatch
-
-    seen = []
-    choose = _dispatch.choose
-
-    def spy(op, on_gpu, geo, algorithm=None, *args, **kwargs):
-        seen.append(algorithm)
-        return choose(op, on_gpu, geo, algorithm, *args, **kwargs)
-
-    monkeypatch.setattr(_dispatch, "choose", spy)
-    return seen
 
 
 @pytest.mark.parametrize("graph", [False, True], ids=["eager", "tf.function"])

@@ -43,7 +43,7 @@ holding them.
 import inspect
 
 # typing's names, not PEP 585/604 ones: TorchScript reads these annotations
-from typing import List, Optional, Tuple, Union
+from typing import Optional, Tuple, Union
 
 import torch
 import torch.fx
